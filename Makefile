@@ -1,0 +1,33 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+CMAKE_CUDA_ARCHITECTURES ?= 80;90
+
+.PHONY: demo test bench kernels lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fastsplit demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
+
+kernels:
+	cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES="$(CMAKE_CUDA_ARCHITECTURES)"
+	cmake --build build
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fastsplit tests benchmarks
+
+clean:
+	rm -rf build .pytest_cache .benchmarks

@@ -1,0 +1,42 @@
+"""The numpy oracle: plain, obviously right, slow is fine.
+
+Each task is a gather along the middle axis of a 3-D view ``(outer, n, inner)``:
+
+    out[o, j, i] = x[o, src[j], i] * scale[j] + add[j] + noise[j] * gauss(key, (o*m + j)*inner + i)
+
+computed in float64 for float64 tensors and in float32 for the others (float32,
+float16, bfloat16), then rounded to the tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _noise
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """float64 for float64 tensors, float32 for every other supported dtype."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def gather(x, src, scale, add=None, noise=None, key=0):
+    """One task, returned as a new ``(outer, m, inner)`` array of ``x.dtype``."""
+    ct = compute_dtype(x.dtype)
+    outer, _, inner = x.shape
+    m = src.shape[0]
+    y = x[:, src, :].astype(ct) * scale.astype(ct)[None, :, None]
+    if add is not None:
+        y = y + add.astype(ct)[None, :, None]
+    if noise is not None:
+        o, j, i = np.meshgrid(np.arange(outer), np.arange(m), np.arange(inner), indexing="ij")
+        flat = (o * m + j) * inner + i
+        draw = noise[None, :, None] * _noise.gauss(key, flat)
+        y = y + draw.astype(ct)
+    return y.astype(x.dtype)
+
+
+def run(tasks) -> None:
+    """Write every task's result into its ``out``."""
+    for t in tasks:
+        t.out[...] = gather(t.x, t.src, t.scale, t.add, t.noise, t.key)
