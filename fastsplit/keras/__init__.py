@@ -1,0 +1,1 @@
+"""Keras 3 integration: widen live models, grow them while they train."""
