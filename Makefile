@@ -4,13 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 CMAKE_CUDA_ARCHITECTURES ?= 80;90
+# Keras is tested on all three of its backends; torch is pinned to a CPU build where one is at hand.
+KERAS_BACKENDS_SPEC ?= jax torch==2.13.0
 
 .PHONY: demo test bench kernels lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" $(KERAS_BACKENDS_SPEC)
 	touch $(STAMP)
 
 demo: $(STAMP)

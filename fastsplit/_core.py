@@ -135,7 +135,7 @@ def _column_std(xp, x3, units: np.ndarray) -> np.ndarray:
     return np.asarray(std.get() if hasattr(std, "get") else std, dtype=np.float64)
 
 
-def _prepare(job: Job, index: int):
+def _prepare(job: Job, native: interop.Native, index: int):
     """Check one job and build its Task (output allocated). Writes nothing."""
     where = f"job {index}: " if index >= 0 else ""
     plan = job.plan
@@ -145,7 +145,6 @@ def _prepare(job: Job, index: int):
         raise SplitError(f"{where}role must be one of {tuple(ROLES)}, got {job.role!r}")
     if job.channels not in CHANNELS:
         raise SplitError(f"{where}channels must be 'last' or 'first', got {job.channels!r}")
-    native = interop.export(job.x)
     dtype = _dtype_name(native)
     arr = native.array
     ndim = arr.ndim
@@ -157,7 +156,10 @@ def _prepare(job: Job, index: int):
         raise SplitError(f"{where}axis {axis} is out of range for a tensor of {ndim} dimensions")
     axis %= ndim
     shape = tuple(int(s) for s in arr.shape)
-    outer, n, inner, positions = _view3(shape, axis, plan.width, job.channels)
+    try:
+        outer, n, inner, positions = _view3(shape, axis, plan.width, job.channels)
+    except SplitError as exc:
+        raise SplitError(f"{where}{exc}") from None
     m = plan.new_width
     out_shape = shape[:axis] + (positions * m,) + shape[axis + 1 :]
 
@@ -232,11 +234,12 @@ def split_many(jobs: Sequence[Job], *, backend: str = "auto") -> list:
             raise SplitError(f"job {i} must be a fastsplit.Job, got {type(j).__name__}")
     if not jobs:
         return []
-    prepared = [_prepare(j, i if len(jobs) > 1 else -1) for i, j in enumerate(jobs)]
-    devices = {p[1].device for p in prepared}
+    natives = [interop.export(j.x) for j in jobs]
+    devices = {n.device for n in natives}
     if len(devices) > 1:
         raise SplitError(f"all jobs of one split_many call must be on one device, got {sorted(devices)}")
     device = devices.pop()
+    prepared = [_prepare(j, n, i if len(jobs) > 1 else -1) for i, (j, n) in enumerate(zip(jobs, natives))]
     impl = _dispatch.resolve(backend, device)
     tasks = [p[0] for p in prepared]
     impl.run(tasks)

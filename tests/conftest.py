@@ -1,36 +1,9 @@
-"""Shared fixtures: which backends can run here, per-dtype tolerances."""
+"""Fixtures shared by the test suite (helpers live in fs_testing.py)."""
 
-import numpy as np
 import pytest
-
-import fastsplit
-
-
-def _usable():
-    status = fastsplit.backends()
-    return [name for name in ("numpy", "numba") if status[name][0]]
-
-
-CPU_BACKENDS = _usable()
+from fs_testing import CPU_BACKENDS
 
 
 @pytest.fixture(params=CPU_BACKENDS)
 def cpu_backend(request):
     return request.param
-
-
-def bf16():
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-DTYPES = ["float16", "bfloat16", "float32", "float64"]
-
-
-def as_dtype(name):
-    return bf16() if name == "bfloat16" else np.dtype(name)
-
-
-#: (rtol, atol) for comparing a backend with the numpy reference
-TOL = {"float16": (1e-3, 1e-3), "bfloat16": (8e-3, 8e-3), "float32": (1e-6, 1e-6), "float64": (1e-12, 1e-12)}
