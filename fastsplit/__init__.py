@@ -7,7 +7,7 @@ input, so the network computes the same function with more capacity.
 """
 
 from ._core import Job, split, split_many
-from ._dispatch import backends
+from . import backends
 from ._errors import SplitError
 from .plan import SplitPlan, plan
 
