@@ -63,7 +63,7 @@ class Task:
     ``x`` and ``out`` are C-contiguous numpy or CuPy arrays of shapes
     ``(outer, n, inner)`` and ``(outer, m, inner)``; ``src``/``scale``/``add``/``noise``
     are host numpy arrays of length ``m`` (``add``/``noise`` None when zero).
-    ``dtype`` names the element type (bfloat16 CuPy arrays arrive as uint16).
+    ``dtype`` names the element type (bfloat16 CuPy arrays arrive as 16-bit integers (uint16 or int16)).
     """
 
     x: Any
