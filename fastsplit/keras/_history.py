@@ -1,0 +1,87 @@
+"""The growth history of a model, kept through ``model.save`` / ``keras.models.load_model``.
+
+The first ``widen`` of a plain ``keras.Model`` (Functional) or ``keras.Sequential``
+moves it to a registered subclass, ``fastsplit>GrownFunctional`` or
+``fastsplit>GrownSequential``, which adds ``"fastsplit_history"`` (a list of
+:meth:`GrowthEvent.to_dict`) to ``get_config`` and reads it back in
+``from_config``. The subclasses add nothing else. Loading a grown model needs
+``import fastsplit.keras`` first, as for any registered Keras object.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras.src.models.functional import Functional
+
+from ._event import GrowthEvent
+
+KEY = "fastsplit_history"
+
+
+def _get(model) -> list:
+    return getattr(model, "_fastsplit_history", None) or []
+
+
+@keras.saving.register_keras_serializable(package="fastsplit")
+class GrownFunctional(Functional):
+    """A Functional model that ``fastsplit.keras.widen`` has grown (adds the history to its config)."""
+
+    def get_config(self):
+        config = super().get_config()
+        config[KEY] = list(_get(self))
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        hist = config.pop(KEY, [])
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._fastsplit_history = list(hist)
+        return model
+
+
+@keras.saving.register_keras_serializable(package="fastsplit")
+class GrownSequential(keras.Sequential):
+    """A Sequential model that ``fastsplit.keras.widen`` has grown (adds the history to its config)."""
+
+    def get_config(self):
+        config = super().get_config()
+        config[KEY] = list(_get(self))
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        hist = config.pop(KEY, [])
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._fastsplit_history = list(hist)
+        return model
+
+
+_GROWN = {Functional: GrownFunctional, keras.Sequential: GrownSequential, keras.Model: GrownFunctional}
+
+
+def record(model, event: GrowthEvent) -> None:
+    """Append ``event`` to the model's history (and make the history part of its config)."""
+    hist = list(_get(model))
+    hist.append(event.to_dict())
+    model._fastsplit_history = hist
+    grown = _GROWN.get(type(model))
+    if grown is not None:
+        model.__class__ = grown
+    elif not isinstance(model, (GrownFunctional, GrownSequential)) and "get_config" not in vars(model):
+        # a user's subclass: the history goes into the saved config, but only a
+        # registered class can read it back
+        plain = model.get_config
+
+        def get_config():
+            config = plain()
+            config[KEY] = list(_get(model))
+            return config
+
+        model.get_config = get_config
+
+
+def history(model) -> list[GrowthEvent]:
+    """The growth events of ``model``, oldest first (also after ``keras.models.load_model``)."""
+    return [GrowthEvent.from_dict(d) for d in _get(model)]
