@@ -10,7 +10,9 @@ from ._core import Job, split, split_many
 from . import backends
 from ._errors import SplitError
 from .plan import SplitPlan, plan
+from .compact import CompactPlan, compact_plan
 
 __version__ = "0.1.0"
 
-__all__ = ["Job", "SplitError", "SplitPlan", "__version__", "backends", "plan", "split", "split_many"]
+__all__ = ["CompactPlan", "Job", "SplitError", "SplitPlan", "__version__", "backends", "compact_plan", "plan", "split",
+           "split_many"]

@@ -139,8 +139,10 @@ def _prepare(job: Job, native: interop.Native, index: int):
     """Check one job and build its Task (output allocated). Writes nothing."""
     where = f"job {index}: " if index >= 0 else ""
     plan = job.plan
-    if not isinstance(plan, SplitPlan):
-        raise SplitError(f"{where}plan must be a SplitPlan, got {type(plan).__name__}")
+    from .compact import CompactPlan  # here, not at the top: fastsplit.compact imports this module
+
+    if not isinstance(plan, (SplitPlan, CompactPlan)):
+        raise SplitError(f"{where}plan must be a SplitPlan or CompactPlan, got {type(plan).__name__}")
     if job.role not in ROLES:
         raise SplitError(f"{where}role must be one of {tuple(ROLES)}, got {job.role!r}")
     if job.channels not in CHANNELS:

@@ -21,7 +21,8 @@ def test_public_surface():
     import fastsplit
 
     assert sorted(fastsplit.__all__) == sorted(
-        ["Job", "SplitError", "SplitPlan", "__version__", "backends", "plan", "split", "split_many"]
+        ["CompactPlan", "Job", "SplitError", "SplitPlan", "__version__", "backends", "compact_plan", "plan", "split",
+         "split_many"]
     )
     for name in fastsplit.__all__:
         assert hasattr(fastsplit, name)
