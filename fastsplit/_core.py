@@ -77,6 +77,20 @@ class Task:
     runs: np.ndarray = field(default=None, repr=False)
 
 
+#: CPU results are aligned to this many bytes: TensorFlow's oneDNN kernels abort on a
+#: DLPack import that is not 64-byte aligned, and JAX silently copies one.
+ALIGN = 64
+
+
+def aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous numpy array whose data starts on an ALIGN-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def column_runs(src: np.ndarray) -> np.ndarray:
     """Maximal runs of consecutive source indices, as an ``int64[r, 3]`` array.
 
@@ -197,7 +211,7 @@ def _prepare(job: Job, native: interop.Native, index: int):
     if out_native is not None and out_native.array.flags.c_contiguous:
         out3 = out_native.array.reshape(outer, m, inner)
     else:
-        out3 = xp.empty((outer, m, inner), dtype=arr.dtype)
+        out3 = aligned_empty((outer, m, inner), arr.dtype) if xp is np else xp.empty((outer, m, inner), dtype=arr.dtype)
     task = Task(
         x=x3,
         out=out3,

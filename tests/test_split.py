@@ -311,3 +311,10 @@ def test_backends_reports_every_backend_with_a_reason():
     for usable, reason in status.values():
         assert isinstance(usable, bool) and reason
     assert status["numpy"][0]
+
+
+def test_cpu_results_are_64_byte_aligned(cpu_backend):
+    # TensorFlow's oneDNN kernels abort on unaligned DLPack imports; JAX copies them
+    for width in (3, 5, 17):
+        y = split(np.ones((7, width), np.float32), plan(width), backend=cpu_backend)
+        assert y.ctypes.data % 64 == 0

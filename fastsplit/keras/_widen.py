@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import _core, interop
+from .._core import aligned_empty
 from .._errors import SplitError
 from ..plan import SplitPlan
 from ..plan import plan as make_plan
@@ -341,16 +342,9 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
     return event
 
 
-#: TensorFlow's CPU kernels require 64-byte aligned buffers (EIGEN_MAX_ALIGN_BYTES); numpy gives 16
-ALIGN = 64
-
-
 def _aligned_empty(shape, dtype):
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(n + ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGN
-    return raw[start:start + n].view(dtype).reshape(shape)
+    """64-byte aligned host buffer (see fastsplit._core.aligned_empty)."""
+    return aligned_empty(tuple(shape), dtype)
 
 
 def _out(arr, steps):
