@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -108,10 +109,36 @@ def column_runs(src: np.ndarray) -> np.ndarray:
     return np.stack([starts, src[starts], ends - starts], axis=1)
 
 
+_DTYPE_NAMES = {np.dtype(n): n for n in ("float16", "float32", "float64")}
+
+#: per-plan arrays that depend only on the plan, computed once (a growth event applies one
+#: plan to many tensors: kernel, bias, every optimizer slot)
+_PLAN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _derived(plan) -> dict:
+    d = _PLAN_CACHE.get(plan)
+    if d is None:
+        d = {"runs": column_runs(plan.src), "key": plan.noise_key, "scale": {},
+             "offset": plan.offset if np.any(plan.offset != 0) else None}
+        _PLAN_CACHE[plan] = d
+    return d
+
+
+def _scale(plan, power: int) -> np.ndarray:
+    cache = _derived(plan)["scale"]
+    if power not in cache:
+        cache[power] = np.ascontiguousarray(plan.ratio**power if power else np.ones(plan.new_width), dtype=np.float64)
+    return cache[power]
+
+
 def _dtype_name(native: interop.Native) -> str:
     if native.bf16:
         return "bfloat16"
     dt = native.array.dtype
+    name = _DTYPE_NAMES.get(dt)
+    if name is not None:
+        return name
     name = getattr(dt, "name", str(dt))
     if name not in DTYPES:
         raise SplitError(f"unsupported dtype {name}: fastsplit splits float16, bfloat16, float32 and float64 tensors")
@@ -183,8 +210,8 @@ def _prepare(job: Job, native: interop.Native, index: int):
     x3 = xp.ascontiguousarray(arr).reshape(outer, n, inner)
 
     power, with_offset, with_noise = ROLES[job.role]
-    scale = plan.ratio**power if power else np.ones(m)
-    add = plan.offset if with_offset and np.any(plan.offset != 0) else None
+    derived = _derived(plan)
+    add = derived["offset"] if with_offset else None
     noise = None
     if with_noise and plan.symmetry == "noise" and plan.sigma > 0:
         copy = plan.is_copy
@@ -216,12 +243,12 @@ def _prepare(job: Job, native: interop.Native, index: int):
         x=x3,
         out=out3,
         src=np.asarray(plan.src),
-        scale=np.ascontiguousarray(scale, dtype=np.float64),
-        add=None if add is None else np.ascontiguousarray(add, dtype=np.float64),
+        scale=_scale(plan, power),
+        add=add,
         noise=noise,
-        key=plan.noise_key,
+        key=derived["key"],
         dtype=dtype,
-        runs=column_runs(plan.src),
+        runs=derived["runs"],
     )
     return task, native, out_native, out_shape
 
