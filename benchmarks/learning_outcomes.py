@@ -3,7 +3,7 @@
 Not a pytest-benchmark: a script that trains ~10 models per seed and writes a
 Markdown report.
 
-    .venv/bin/python benchmarks/learning_outcomes.py [--seeds 0 1 2] [--epochs 30] [--out benchmarks/RESULTS_learning.md]
+    .venv/bin/python benchmarks/learning_outcomes.py [--seeds 0 1 2] [--epochs 30] [--out benchmarks/RESULTS_learning.md]  (a fragment, merged by hand into RESULTS.md)
 
 Runs (all: the demo's MLP, Flatten → Dense(units, relu) → Dense(10, softmax),
 Adam 1e-3, batch 128, the same epoch budget, no early stopping):

@@ -9,7 +9,7 @@ Keras fixes its backend once per process, so every backend is measured in a subp
 this file as a script (``python benchmarks/test_bench_keras.py <backend>`` prints one JSON line).
 ``pytest benchmarks --benchmark-only -k keras`` times the event of the current backend with
 pytest-benchmark and measures all three backends; ``python benchmarks/test_bench_keras.py``
-writes ``benchmarks/RESULTS_keras.md``.
+writes ``benchmarks/RESULTS_keras.md`` (a fragment, merged by hand into RESULTS.md).
 """
 
 from __future__ import annotations
