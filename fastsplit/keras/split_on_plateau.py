@@ -50,12 +50,16 @@ class SplitOnPlateau(GrowthCallback):
         restore_best_weights: at the end of training, go back to the weights of
             the best epoch; if the model grew since, they are split the same way
             (exactly, without nudges), so the grown model computes the best
-            epoch's function.
+            epoch's function. Units pruned since (``prune_dead``) are folded
+            the same way as at the prune, which is exact only if they were
+            already dead at the best epoch (a ``RuntimeWarning`` says when not).
         verbose: 0 silent; 1 prints one line per growth event (epoch, layer,
-            old → new units, parameters, monitored value) and when it stops.
+            old → new units, parameters, monitored value), one per prune, and
+            when it stops.
         eps: bias offset of ``symmetry="nudge"`` (the article's 1e-3).
         probe: held-back data for ``score="gradient"`` (``(x, y)``) and
-            ``score="activation"`` (``x`` or ``(x, y)``).
+            ``score="activation"`` (``x`` or ``(x, y)``); also the data of
+            ``prune_dead`` when ``prune_data`` is not given.
         seed: seed of ``symmetry="noise"`` (each event uses ``seed + event index``).
         backup_dir: the ``backup_dir`` of a ``keras.callbacks.BackupAndRestore`` in
             the same ``fit``: the callback saves its own state there each epoch
@@ -63,16 +67,32 @@ class SplitOnPlateau(GrowthCallback):
             checkpoint's widths before BackupAndRestore loads it. List this
             callback before BackupAndRestore (and CSVLogger), so that their
             epoch end sees the grown model and its logs.
+        prune_dead: at each growth event, first remove the units of the growing
+            layers that are dead on ``prune_data`` (zero or constant on every
+            sample: :func:`fastsplit.keras.dead_units`) with
+            :func:`fastsplit.keras.prune` (their constant value folded into the
+            next layer's bias, optimizer slots of the kept units carried), then
+            spend ``select``, ``max_units`` and ``max_params`` on splitting the
+            smaller model. A layer that is all dead keeps one unit. A prune is
+            its own event in ``events`` (``event_kinds`` says ``"prune"``).
+        prune_data: the data on which units are judged dead: ``x`` or
+            ``(x, y)`` numpy arrays, e.g. the training inputs (a unit dead on a
+            small sample may fire on other inputs). Default: ``probe``.
+            ``prune_dead=True`` without either raises ``ValueError``.
 
     Attributes:
-        events: one ``GrowthEvent`` per growth event, in order.
+        events: one ``GrowthEvent`` per growth event, in order; with
+            ``prune_dead`` a growth event that pruned adds two: the prune
+            (``new_width < old_width``, ``neurons`` = the removed units), then the split.
         event_epochs: the (0-based) epoch at whose end each event happened.
+        event_kinds: ``"prune"`` or ``"split"`` for each event.
         best, wait, cooldown_counter, stopped_epoch, best_epoch: as in
             EarlyStopping / ReduceLROnPlateau.
 
     Each epoch it adds to ``logs`` (so ``History``, ``CSVLogger`` and ``TensorBoard``
     record them): ``units/<layer>`` the width of each growing layer after this
-    epoch, ``params`` the model's parameter count, ``split`` the units added.
+    epoch, ``params`` the model's parameter count, ``split`` the units added
+    at this epoch's end, and with ``prune_dead`` ``pruned`` the units removed.
 
     Raises:
         ValueError: naming the value, for a bad argument (here), or at the start
@@ -80,7 +100,9 @@ class SplitOnPlateau(GrowthCallback):
             score the optimizer cannot give.
 
     Cost: nothing per batch; per epoch a copy of each growing kernel with
-    ``score="change"``; per growth event one ``widen`` call plus the score.
+    ``score="change"``; per growth event one ``widen`` call plus the score;
+    with ``prune_dead`` one inference pass over ``prune_data`` per growth event,
+    plus one ``prune`` call when a unit is dead.
     """
 
     def __init__(
@@ -105,6 +127,8 @@ class SplitOnPlateau(GrowthCallback):
         probe=None,
         seed=None,
         backup_dir=None,
+        prune_dead=False,
+        prune_data=None,
     ):
         super().__init__(
             monitor=monitor,
@@ -124,6 +148,8 @@ class SplitOnPlateau(GrowthCallback):
             probe=probe,
             seed=seed,
             backup_dir=backup_dir,
+            prune_dead=prune_dead,
+            prune_data=prune_data,
         )
         self.patience = _check_int("patience", patience, 0)
         self.cooldown = _check_int("cooldown", cooldown, 0)
