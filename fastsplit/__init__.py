@@ -6,11 +6,11 @@ becomes ``k`` units with the same ``w`` and ``b`` and outgoing weights
 input, so the network computes the same function with more capacity.
 """
 
-from ._core import Job, split, split_many
 from . import backends
+from ._core import Job, split, split_many
 from ._errors import SplitError
-from .plan import SplitPlan, plan
 from .compact import CompactPlan, compact_plan
+from .plan import SplitPlan, plan
 
 __version__ = "0.1.0"
 

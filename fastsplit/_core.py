@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import operator
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

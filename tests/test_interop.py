@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fastsplit import interop, plan, split, split_many, Job
+from fastsplit import Job, interop, plan, split, split_many
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("tensorflow")

@@ -2,14 +2,12 @@
 
 import numpy as np
 import pytest
+from fs_testing import CPU_BACKENDS, DTYPES, TOL, as_dtype
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastsplit
-from fastsplit import Job, SplitError, plan, split, split_many
-from fastsplit import _noise
-
-from fs_testing import CPU_BACKENDS, DTYPES, TOL, as_dtype
+from fastsplit import Job, SplitError, _noise, plan, split, split_many
 
 ROLES = ["incoming", "bias", "outgoing", "copy", "moment1", "moment2"]
 
