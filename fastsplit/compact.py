@@ -35,16 +35,12 @@ import numpy as np
 from . import _core, _dispatch, interop
 from ._core import Job
 from ._errors import SplitError
+from .plan import _indices as _spec_indices
+from .plan import _readonly
 
 #: roles whose merged value is a sum over the group, and the one that adds square roots
 _SUM_ROLES = ("outgoing", "moment1")
 _ROOT_ROLES = ("moment2",)
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    a.setflags(write=False)
-    return a
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -243,20 +239,7 @@ def concat(parts: Sequence[CompactPlan | None]) -> CompactPlan:
 def _indices(width: int, spec, what: str) -> np.ndarray:
     if spec is None:
         return np.zeros(0, dtype=np.int64)
-    arr = np.asarray(spec)
-    if arr.dtype == bool:
-        if arr.shape != (width,):
-            raise SplitError(f"a boolean {what} mask must have length {width}, got shape {arr.shape}")
-        return np.flatnonzero(arr).astype(np.int64)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise SplitError(f"{what} must be None, integer indices or a boolean mask, got {arr.dtype} {arr.shape}")
-    arr = arr.reshape(-1).astype(np.int64)
-    bad = (arr < 0) | (arr >= width)
-    if bad.any():
-        raise SplitError(f"{what} index {int(arr[bad][0])} is out of range for width {width}")
-    return arr
+    return _spec_indices(width, spec, what)
 
 
 def _groups(width: int, merge) -> list[tuple[int, tuple]]:

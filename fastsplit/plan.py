@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -129,7 +129,7 @@ class SplitPlan:
 
         return key_from_seed(0 if self.seed is None else self.seed)
 
-    def embed(self, total: int, offset: int) -> "SplitPlan":
+    def embed(self, total: int, offset: int) -> SplitPlan:
         """This plan placed at ``[offset, offset + width)`` of an axis of length ``total``.
 
         Units outside that range map to themselves. The new units of this plan
@@ -165,24 +165,33 @@ class SplitPlan:
         )
 
 
-def _neuron_indices(width: int, neurons) -> np.ndarray:
-    """Selected units as an int64 array (a repeated index means one more copy)."""
-    if neurons is None:
-        return np.arange(width, dtype=np.int64)
-    arr = np.asarray(neurons)
+def _indices(width: int, spec, what: str, item: str | None = None) -> np.ndarray:
+    """``spec`` (integer indices, a repeated index kept, or a boolean mask of length ``width``) as int64.
+
+    ``what`` names ``spec`` in messages, ``item`` one of its indices (``what`` when None). Shared with
+    :func:`fastsplit.compact.compact_plan`.
+    """
+    arr = np.asarray(spec)
     if arr.dtype == bool:
         if arr.shape != (width,):
-            raise SplitError(f"a boolean neurons mask must have length {width}, got shape {arr.shape}")
+            raise SplitError(f"a boolean {what} mask must have length {width}, got shape {arr.shape}")
         return np.flatnonzero(arr).astype(np.int64)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise SplitError(f"neurons must be None, integer indices or a boolean mask, got {arr.dtype} {arr.shape}")
+        raise SplitError(f"{what} must be None, integer indices or a boolean mask, got {arr.dtype} {arr.shape}")
     arr = arr.reshape(-1).astype(np.int64)
     bad = (arr < 0) | (arr >= width)
     if bad.any():
-        raise SplitError(f"neuron index {int(arr[bad][0])} is out of range for width {width}")
+        raise SplitError(f"{item or what} index {int(arr[bad][0])} is out of range for width {width}")
     return arr
+
+
+def _neuron_indices(width: int, neurons) -> np.ndarray:
+    """Selected units as an int64 array (a repeated index means one more copy)."""
+    if neurons is None:
+        return np.arange(width, dtype=np.int64)
+    return _indices(width, neurons, "neurons", "neuron")
 
 
 def plan(

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 
 from .._errors import SplitError
+from ..compact import CompactPlan
+from ..compact import concat as compact_concat
+from ..compact import identity as compact_identity
 from ..plan import SplitPlan
 
 # -- layer classes ---------------------------------------------------------------------------------------
@@ -110,12 +113,17 @@ class ConcatRef:
     parts: tuple
 
 
-def _identity(width: int) -> SplitPlan:
+def _identity(width: int, like=None):
+    """The plan that keeps all ``width`` units, of the kind of ``like`` (a SplitPlan unless it is a CompactPlan)."""
+    if isinstance(like, CompactPlan):
+        return compact_identity(width)
     return SplitPlan(width, np.arange(width), np.ones(width), np.zeros(width))
 
 
-def expand_plan(plan: SplitPlan, k: int) -> SplitPlan:
+def expand_plan(plan, k: int):
     """Each unit ``u`` read as ``k`` consecutive channels ``u*k .. u*k+k-1`` (no bias offsets)."""
+    if isinstance(plan, CompactPlan):
+        return plan.expand(k)
     if k == 1:
         return plan
     q = np.arange(k)
@@ -124,8 +132,10 @@ def expand_plan(plan: SplitPlan, k: int) -> SplitPlan:
     return SplitPlan(plan.width * k, src, ratio, np.zeros(src.shape[0]), plan.symmetry, plan.sigma, plan.seed)
 
 
-def concat_plans(parts: list[SplitPlan]) -> SplitPlan:
+def concat_plans(parts: list):
     """The plan of a concatenated axis: each part's new units take the place of its old ones."""
+    if any(isinstance(p, CompactPlan) for p in parts):
+        return compact_concat(parts)
     srcs, ratios, offsets, off = [], [], [], 0
     for p in parts:
         srcs.append(p.src + off)
@@ -137,18 +147,29 @@ def concat_plans(parts: list[SplitPlan]) -> SplitPlan:
                      first.symmetry, first.sigma, first.seed)
 
 
-def evaluate(ref, plans: dict[int, SplitPlan], find) -> SplitPlan | None:
-    """The plan of a tensor's unit axis given the plans of the groups split now (None: unchanged)."""
+def same_plan(a, b) -> bool:
+    """Whether two plans (both SplitPlans or both CompactPlans) do the same to an axis."""
+    if isinstance(a, CompactPlan) or isinstance(b, CompactPlan):
+        return (type(a) is type(b) and a.width == b.width and np.array_equal(a.src, b.src)
+                and a.merge == b.merge)
+    return (a.width == b.width and np.array_equal(a.src, b.src) and np.array_equal(a.ratio, b.ratio)
+            and np.array_equal(a.offset, b.offset))
+
+
+def evaluate(ref, plans: dict, find):
+    """The plan of a tensor's unit axis given the plans of the groups changed now (None: unchanged).
+
+    ``plans`` maps root gids to :class:`SplitPlan` (widen) or :class:`fastsplit.CompactPlan` (prune,
+    merge_twins), all of one kind; the result is of that kind.
+    """
     if isinstance(ref, GroupRef):
         p = plans.get(find(ref.gid))
         return None if p is None else expand_plan(p, ref.expand)
-    parts, any_split = [], False
-    for sub, width in ref.parts:
-        p = None if sub is None else evaluate(sub, plans, find)
-        any_split |= p is not None
-        parts.append(_identity(width) if p is None else p)
-    if not any_split:
+    subs = [(None if sub is None else evaluate(sub, plans, find), width) for sub, width in ref.parts]
+    like = next((p for p, _ in subs if p is not None), None)
+    if like is None:
         return None
+    parts = [_identity(width, like) if p is None else p for p, width in subs]
     if len(parts) == 1:
         return parts[0]
     return concat_plans(parts)
@@ -360,12 +381,12 @@ class Graph:
         return self.tensors[self.canon(key)].shape
 
     def _label(self):
-        order = self._topological()
+        order = self.topological()
         consumers_of: dict = {}
         for op in order:
             for k in op.inputs:
                 consumers_of.setdefault(self.canon(k), []).append(op)
-        self._consumers_of = consumers_of
+        self.consumers_of = consumers_of  # tensor key -> the ops that read it
         gid = 0
         producer_gid: dict = {}
         for op in order:
@@ -387,7 +408,7 @@ class Graph:
                 width = int(layer.units if _is(layer, "dense") else layer.filters)
                 ref = GroupRef(g, width)
                 rank = len(self._shape(outs[0]))
-                axis = self._channel_axis(layer, rank)
+                axis = self.channel_axis(layer, rank)
                 if g not in self.group_width:
                     self.group_width[g] = width
                     self.producers.setdefault(g, []).append((path, layer))
@@ -411,7 +432,8 @@ class Graph:
                 self._refuse(lab.ref, "its units reach the model output, whose shape would change")
 
 
-    def _topological(self) -> list[Op]:
+    def topological(self) -> list[Op]:
+        """The ops, each after the ops that produce its inputs."""
         produced_by = {}
         for op in self.ops:
             for k in op.outputs:
@@ -436,7 +458,8 @@ class Graph:
         return order
 
     @staticmethod
-    def _channel_axis(layer, rank):
+    def channel_axis(layer, rank):
+        """The axis of a rank-``rank`` tensor that holds ``layer``'s channels (its ``data_format``)."""
         fmt = getattr(layer, "data_format", "channels_last")
         return 1 if fmt == "channels_first" else rank - 1
 
@@ -474,7 +497,7 @@ class Graph:
             return cache[id(op)]
         target = None
         key = self.canon(op.outputs[0])
-        consumers_of = self._consumers_of
+        consumers_of = self.consumers_of
         while key not in {self.canon(k) for k in self.model_outputs}:
             nxt = consumers_of.get(key, [])
             if len(nxt) != 1 or len(nxt[0].inputs) != 1 or len(nxt[0].outputs) != 1:
@@ -504,7 +527,7 @@ class Graph:
                 return
             self.uses.append(Use(layer, path, "kernel", kernel, 0, "outgoing", label.ref, u.channels))
         else:
-            if u.axis != self._channel_axis(layer, rank) or u.positions != 1:
+            if u.axis != self.channel_axis(layer, rank) or u.positions != 1:
                 self._refuse(label.ref, f"layer {path!r} ({type(layer).__name__}) reads channels on another axis")
                 return
             if getattr(layer, "groups", 1) != 1:
@@ -573,11 +596,11 @@ class Graph:
                 return refuse("normalises across the split units")
             return lab
         if _is(layer, "spatial_drop") or _is(layer, "spatial"):
-            if u.positions != 1 or u.axis != self._channel_axis(layer, rank_in):
+            if u.positions != 1 or u.axis != self.channel_axis(layer, rank_in):
                 return refuse("works on the axis that holds the split units")
             return lab
         if _is(layer, "global"):
-            if u.positions != 1 or u.axis != self._channel_axis(layer, rank_in):
+            if u.positions != 1 or u.axis != self.channel_axis(layer, rank_in):
                 return refuse("pools over the axis that holds the split units")
             if getattr(layer, "keepdims", False):
                 return lab
@@ -614,7 +637,7 @@ class Graph:
                 self._state(op, lab, layer, {"alpha": alpha}, pa, u.channels)
             return lab
         if _is(layer, "depthwise"):
-            if u.positions != 1 or u.axis != self._channel_axis(layer, rank_in):
+            if u.positions != 1 or u.axis != self.channel_axis(layer, rank_in):
                 return refuse("reads channels on another axis")
             if not isinstance(ref, GroupRef):
                 return refuse("follows a concatenation (not supported)")

@@ -45,46 +45,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .. import _core, _dispatch, interop
+from .. import _dispatch, interop
 from .._errors import SplitError
-from ..compact import CompactPlan, _bf16_bits_to_f32, _f32_to_bf16_bits, compact_many, compact_plan, concat, identity
-from . import _history, _optim, _vars
-from ._event import GrowthEvent, LayerGrowth
-from ._graph import Graph, GroupRef, _is
+from ..compact import CompactPlan, _bf16_bits_to_f32, _f32_to_bf16_bits, compact_many, compact_plan
+from . import _vars
+from ._event import GrowthEvent
+from ._graph import Graph, GroupRef, _is, evaluate
 from ._stats import Reduction, model_inputs, probe, resolve_layers
-from ._widen import (
-    _PRODUCING,
-    _aligned_empty,
-    _backend_used,
-    _count,
-    _fix_build_shapes,
-    _fix_input_layer,
-    _fix_input_spec,
-    _lookup,
-    _np_dtype,
-    _reset_functions,
-    _sync_jax,
-)
+from ._widen import _aligned_empty, _apply, _backend_used, _collect, _sync_jax
 
 # -- plans on tensor axes -----------------------------------------------------------------------------------
-
-
-def evaluate(ref, plans: dict, find) -> CompactPlan | None:
-    """The compaction of a tensor's unit axis given the plans of the groups compacted now (None: unchanged).
-
-    The counterpart of ``_graph.evaluate`` for :class:`CompactPlan`.
-    """
-    if isinstance(ref, GroupRef):
-        p = plans.get(find(ref.gid))
-        return None if p is None else p.expand(ref.expand)
-    parts, any_change = [], False
-    for sub, width in ref.parts:
-        p = None if sub is None else evaluate(sub, plans, find)
-        any_change |= p is not None
-        parts.append(identity(width) if p is None else p)
-    if not any_change:
-        return None
-    return parts[0] if len(parts) == 1 else concat(parts)
 
 
 def _unit_entries(ref, gid: int, find) -> tuple[np.ndarray | None, int]:
@@ -104,36 +74,7 @@ def _unit_entries(ref, gid: int, find) -> tuple[np.ndarray | None, int]:
     return found, off
 
 
-def _same(a: CompactPlan, b: CompactPlan) -> bool:
-    return a.width == b.width and np.array_equal(a.src, b.src) and a.merge == b.merge
-
-
 # -- the shared in-place compaction --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Step:
-    axis: int
-    plan: CompactPlan
-    kind: str
-    channels: str
-
-    @property
-    def side(self) -> str:
-        return "consuming" if self.kind == "outgoing" else "producing"
-
-
-@dataclasses.dataclass
-class _Entry:
-    target: object
-    source: object
-    steps: list  # [(axis, plan, role, channels)]
-    fill: float | None = None
-    fold: object = None  # _Fold for a consumer bias
-    native: object = None
-    base: object = None  # the array the steps read (the source, or source + fold)
-    new_shape: tuple = ()
-    value: object = None
 
 
 @dataclasses.dataclass
@@ -146,50 +87,6 @@ class _Fold:
     entries: np.ndarray
     consts: np.ndarray
     conv: bool
-
-
-def _update_graph(graph: Graph, chosen: dict, setattr_undo) -> None:
-    """Layer widths, symbolic shapes, input specs and build shapes (``_widen._update_graph`` for CompactPlans)."""
-    find = graph.find
-    for layer, attr, ref in graph.width_attrs:
-        p = evaluate(ref, chosen, find)
-        if p is not None:
-            setattr_undo(layer, attr, p.new_width)
-    new_shapes = {}
-    for key in dict.fromkeys(graph.shape_tensors):
-        lab = graph.labels[key]
-        p = evaluate(lab.ref, chosen, find)
-        if p is None:
-            continue
-        shape = list(graph.tensors[key].shape)
-        shape[lab.units.axis] = shape[lab.units.axis] // p.width * p.new_width
-        new_shapes[key] = tuple(shape)
-    for key, info in graph.tensors.items():
-        c = graph.canon(key)
-        if c in new_shapes and info.kt is not None:
-            setattr_undo(info.kt, "_shape", new_shapes[c])
-            _fix_input_layer(info.kt, new_shapes[c], setattr_undo)
-
-    def shape_of(key, new):
-        c = graph.canon(key)
-        return new_shapes.get(c, graph.tensors[c].shape) if new else graph.tensors[c].shape
-
-    for layer, _node, keys in list(graph.layer_inputs) + list(graph.nested):
-        old = [tuple(shape_of(k, False)) for k in keys]
-        new = [tuple(shape_of(k, True)) for k in keys]
-        if old != new:
-            _fix_input_spec(layer, old, new, setattr_undo)
-            _fix_build_shapes(layer, old, new, setattr_undo)
-
-
-def _out(arr, steps):
-    """A 64-byte aligned result for a CPU job (TensorFlow's rule, as in ``widen``); None on the GPU."""
-    if not isinstance(arr, np.ndarray):
-        return None
-    shape = list(arr.shape)
-    for axis, p, _role, _ch in steps:
-        shape[axis] = shape[axis] // p.width * p.new_width
-    return _aligned_empty(tuple(shape), arr.dtype)
 
 
 def _fold_delta(fold: _Fold, kernel_native) -> object:
@@ -220,189 +117,33 @@ def _with_delta(native, delta):
     return s
 
 
-def _apply(model, graph: Graph, chosen: dict, folds: list, optimizer: str, backend: str, t0: float,
-           times: dict) -> GrowthEvent:
-    """Compact every variable of the groups in ``chosen`` (root gid -> CompactPlan) and add ``folds``, in place."""
-    steps: dict = {}
-    owners: dict = {}
-    for use in graph.uses:
-        p = evaluate(use.ref, chosen, graph.find)
-        if p is None:
-            continue
-        var = use.var
-        axis = use.axis % len(var.shape)
-        lst = steps.setdefault(id(var), [])
-        owners[id(var)] = var
-        clash = [s for s in lst if s.axis == axis]
-        if clash:
-            if clash[0].kind == use.kind and _same(clash[0].plan, p):
-                continue
-            raise ValueError(f"{use.path}/{use.attr} would be compacted twice on axis {axis} with different plans")
-        lst.append(_Step(axis, p, use.kind, use.channels))
-    for lst in steps.values():
-        lst.sort(key=lambda s: s.side == "consuming")
+def _compact(model, graph: Graph, chosen: dict, folds: list, optimizer: str, backend: str, t0: float,
+             times: dict) -> GrowthEvent:
+    """Compact every variable of the groups in ``chosen`` (root gid -> CompactPlan) and add ``folds``, in place.
 
-    fold_of = {}
+    ``widen``'s machinery (``_widen._apply``) with ``compact_many`` as the kernel; each folded bias reads
+    ``bias + delta`` (made after the export, before the kernel) instead of its own value.
+    """
+    fold_of: dict = {}
     for f in folds:
-        bias = f.layer.bias
-        fold_of.setdefault(id(bias), []).append(f)
-        owners.setdefault(id(bias), bias)
+        fold_of.setdefault(id(f.layer.bias), []).append(f)
 
-    opt = getattr(model, "optimizer", None)
-    slots, unknown = _optim.slot_map(opt, optimizer)
-    opt_mode = optimizer if unknown is None else f"reset:{unknown}"
-    entries: list[_Entry] = []
-    for key, var in owners.items():
-        lst = steps.get(key, [])
-        roles = [(s.axis, s.plan, "outgoing" if s.kind == "outgoing" else _PRODUCING[s.kind], s.channels) for s in lst]
-        entries.append(_Entry(var, var, roles, fold=fold_of.get(key)))
-        if not lst:
-            continue  # a folded bias keeps its shape, and its slots (its gradient does not change)
-        for slot, kind in slots.get(key, []):
-            if tuple(slot.shape) != tuple(var.shape):
-                if len(slot.shape) == 0:
-                    continue
-                raise ValueError(
-                    f"optimizer slot {slot.path} has shape {tuple(slot.shape)}, not that of {var.path} "
-                    f"{tuple(var.shape)}: fastsplit cannot carry it; use optimizer='reset' or a supported optimizer"
-                )
-            if kind == "reset":
-                fill = _optim.reset_value(_optim.owner_of(opt, slot), slot)
-                entries.append(_Entry(slot, None, roles, fill=fill))
-            else:
-                sroles = [(a, p, _optim.ROLE[(kind, s.side)], ch) for (a, p, _r, ch), s in zip(roles, lst, strict=False)]
-                entries.append(_Entry(slot, slot, sroles))
-    if unknown is not None and entries and optimizer == "carry":
-        _optim.warn_unknown(unknown)
-    for e in entries:
-        shape = list(e.target.shape)
-        for axis, p, _role, _ch in e.steps:
-            shape[axis] = shape[axis] // p.width * p.new_width
-        e.new_shape = tuple(int(s) for s in shape)
-    times["plan"] = time.perf_counter() - t0
-
-    # -- export, folds, kernel, import, variables (nothing in the model changes) -----------------------
-    t = time.perf_counter()
-    natives = {}
-    for e in entries:
-        if e.source is not None:
-            e.native = interop.export(_vars.value_of(e.source))
-            natives[id(e.source)] = e.native
-            e.base = e.native.array
-    for e in entries:
-        if e.fold:
+    def add_folds(entries):
+        natives = {id(e.source): e.native for e in entries if e.source is not None}
+        for e in entries:
+            fs = fold_of.get(id(e.target)) if e.source is not None else None
+            if not fs:
+                continue
             delta = None
-            for f in e.fold:
+            for f in fs:
                 kn = natives.get(id(f.kernel)) or interop.export(_vars.value_of(f.kernel))
                 d = _fold_delta(f, kn)
                 delta = d if delta is None else delta + d
             e.base = _with_delta(e.native, delta)
-    times["export"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    split = [e for e in entries if e.source is not None and e.steps]
-    calls = 0
-    if split:
-        try:
-            out1 = compact_many(
-                [_core.Job(e.base, e.steps[0][1], e.steps[0][0], e.steps[0][2], e.steps[0][3],
-                           _out(e.base, e.steps[:1])) for e in split],
-                backend=backend,
-            )
-            calls = 1
-            two = [i for i, e in enumerate(split) if len(e.steps) > 1]
-            if two:
-                out2 = compact_many(
-                    [_core.Job(out1[i], split[i].steps[1][1], split[i].steps[1][0], split[i].steps[1][2],
-                               split[i].steps[1][3], _out(out1[i], split[i].steps[1:])) for i in two],
-                    backend=backend,
-                )
-                calls = 2
-                for i, arr in zip(two, out2, strict=False):
-                    out1[i] = arr
-        except SplitError as exc:
-            raise SplitError(f"the compaction failed before changing the model: {exc}") from exc
-        for e, arr in zip(split, out1, strict=False):
-            e.value = arr
-    for e in entries:
-        if e.source is not None and not e.steps:
-            e.value = e.base  # a folded bias that keeps its width
-    times["kernel"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    for e in entries:
-        if e.source is not None:
-            e.value = interop.import_(e.value, e.native)
-            e.native = e.base = None
-        else:
-            e.value = _vars.full(e.target, e.new_shape, e.target.dtype, e.fill)
-    times["import"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    prepared = [(e.target, _vars.prepare(e.target, e.value)) for e in entries]
-    for e in entries:
-        e.value = None
-    times["variables"] = time.perf_counter() - t
-
-    # -- swap --------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    params_before = int(model.count_params())
-    members = {g: [(p, lay) for gg in graph.producers for p, lay in graph.producers[gg] if graph.find(gg) == g]
-               for g in chosen}
-    layer_before = {p: _count(lay) for g in chosen for p, lay in members[g]}
-    old_keys = {}
-    for o in _optim.unwrap(opt):
-        for v in getattr(o, "_trainable_variables", []) or []:
-            old_keys[id(v)] = o._var_key(v)
-    undo_vars, undo_attrs = [], []
-
-    def setattr_undo(obj, attr, value):
-        undo_attrs.append((obj, attr, getattr(obj, attr)))
-        setattr(obj, attr, value)
-
-    try:
-        for var, value in prepared:
-            undo_vars.append(_vars.install(var, value))
-        _update_graph(graph, chosen, setattr_undo)
-        _optim.rekey(opt, old_keys)
-        _vars.retrack(model)
-    except BaseException:
-        for obj, attr, value in reversed(undo_attrs):
-            setattr(obj, attr, value)
-        for u in reversed(undo_vars):
-            _vars.restore(u)
-        try:
-            _optim.rekey(opt, {})
-            _vars.retrack(model)
-        finally:
-            raise
-    prepared = None
-    times["swap"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    _reset_functions(model)
-    times["retrace"] = time.perf_counter() - t
-
-    event = GrowthEvent(
-        params_before=params_before,
-        params_after=int(model.count_params()),
-        symmetry="none",
-        optimizer=opt_mode,
-        iteration=None if opt is None or not getattr(opt, "built", False) else int(np.asarray(opt.iterations)),
-        backend=_backend_used(backend),
-        keras_backend=_vars.backend_name(),
-        tensors=len(entries),
-        bytes_new=int(sum(int(np.prod(e.new_shape)) * np.dtype(_np_dtype(e.target)).itemsize for e in entries)),
-        split_calls=calls,
-    )
-    for i, (g, p) in enumerate(sorted(chosen.items())):
-        for path, layer in members[g]:
-            event.layers[path] = LayerGrowth(path, p.width, p.new_width, p.removed.tolist(),
-                                             layer_before.get(path, 0), _count(layer), i)
-    times["total"] = time.perf_counter() - t0
-    event.times = times
-    _history.record(model, event)
-    return event
+    return _apply(model, graph, chosen, optimizer=optimizer, backend=backend, t0=t0, times=times,
+                  symmetry="none", neurons=lambda p: p.removed.tolist(), verb="compacted", name="the compaction",
+                  run=compact_many, extra=[f.layer.bias for f in folds], prepare=add_folds)
 
 
 def _empty_event(model, optimizer: str, backend: str, t0: float) -> GrowthEvent:
@@ -455,7 +196,7 @@ def _folds(model, graph: Graph, chosen: dict, data, batch_size: int) -> list:
         key = graph.canon(op.inputs[0])
         rank = len(graph.tensors[key].shape)
         conv = not _is(use.layer, "dense")
-        axis = graph._channel_axis(use.layer, rank) if conv else rank - 1
+        axis = graph.channel_axis(use.layer, rank) if conv else rank - 1
         needs.append((use, p, key, axis, conv))
     if not needs:
         return []
@@ -550,25 +291,18 @@ def prune(model, units, *, data=None, optimizer: str = "carry", backend: str = "
     _sync_jax(model)
     graph = Graph(model)
     groups = graph.groups()
-    chosen, named = {}, {}
-    for name, spec in units.items():
-        path, grp = _lookup(graph, groups, name)
+
+    def make(spec, grp, path):
         if isinstance(spec, CompactPlan):
             if spec.width != grp.width:
                 raise ValueError(f"the plan for {path!r} has width {spec.width}, but the layer has {grp.width} units")
-            p = spec
-        else:
-            try:
-                p = compact_plan(grp.width, remove=spec)
-            except SplitError as exc:
-                raise SplitError(f"cannot prune {path!r}: {exc}") from None
-        if grp.gid in chosen and not _same(chosen[grp.gid], p):
-            raise ValueError(
-                f"layers {named[grp.gid]!r} and {path!r} are coupled (one group: {grp.producers}) but got "
-                "different units to prune; give them once for the group"
-            )
-        chosen[grp.gid] = p
-        named[grp.gid] = path
+            return spec
+        try:
+            return compact_plan(grp.width, remove=spec)
+        except SplitError as exc:
+            raise SplitError(f"cannot prune {path!r}: {exc}") from None
+
+    chosen, named = _collect(graph, groups, units, make, "different units to prune; give them once for the group")
     by_root = {g.gid: g for g in groups}
     chosen = {g: p for g, p in chosen.items() if not p.is_identity}
     for g in chosen:
@@ -578,7 +312,7 @@ def prune(model, units, *, data=None, optimizer: str = "carry", backend: str = "
     times = {}
     folds = _folds(model, graph, chosen, data, batch_size) if data is not None else []
     times["probe"] = time.perf_counter() - t0
-    return _apply(model, graph, chosen, folds, optimizer, backend, t0, times)
+    return _compact(model, graph, chosen, folds, optimizer, backend, t0, times)
 
 
 # -- merge_twins --------------------------------------------------------------------------------------------
@@ -694,7 +428,7 @@ def merge_twins(model, *, atol: float = 0.0, layers=None, optimizer: str = "carr
             chosen[g.gid] = compact_plan(g.width, merge=twins)
     if not chosen:
         return _empty_event(model, optimizer, backend, t0)
-    return _apply(model, graph, chosen, [], optimizer, backend, t0, {})
+    return _compact(model, graph, chosen, [], optimizer, backend, t0, {})
 
 
 __all__ = ["evaluate", "find_twins", "merge_twins", "prune"]

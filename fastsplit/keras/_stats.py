@@ -128,7 +128,7 @@ def model_inputs(model, data, what: str = "data") -> list[np.ndarray]:
 
 def _needed_ops(graph: Graph, keys) -> list:
     """The ops that the tensors ``keys`` depend on, in topological order."""
-    order = graph._topological()
+    order = graph.topological()
     produced_by = {}
     for op in order:
         for k in op.outputs:
@@ -212,7 +212,7 @@ def measure_point(graph: Graph, op) -> tuple:
     key = graph.canon(op.outputs[0])
     where = op.path
     units = graph.labels[key].units
-    consumers_of = graph._consumers_of
+    consumers_of = graph.consumers_of
     while key not in out_keys:
         nxt = consumers_of.get(key, [])
         if len(nxt) != 1 or len(nxt[0].inputs) != 1 or len(nxt[0].outputs) != 1:

@@ -32,7 +32,7 @@ from ..plan import SplitPlan
 from ..plan import plan as make_plan
 from . import _history, _optim, _vars
 from ._event import GrowthEvent, LayerGrowth
-from ._graph import Graph, check_plan, evaluate
+from ._graph import Graph, check_plan, evaluate, same_plan
 
 _PRODUCING = {"incoming": "incoming", "bias": "bias", "state": "copy"}
 
@@ -58,13 +58,9 @@ class _Entry:
     steps: list  # [(axis, plan, role, channels)]
     fill: float | None = None
     native: object = None
+    base: object = None  # the array the steps read when it is not ``native.array`` (prune: a folded bias)
     new_shape: tuple = ()
     value: object = None
-
-
-def _same_plan(a: SplitPlan, b: SplitPlan) -> bool:
-    return (a.width == b.width and np.array_equal(a.src, b.src) and np.array_equal(a.ratio, b.ratio)
-            and np.array_equal(a.offset, b.offset))
 
 
 def _lookup(graph: Graph, groups, name: str):
@@ -87,6 +83,26 @@ def _lookup(graph: Graph, groups, name: str):
             f"{sorted(producers)}"
         )
     raise ValueError(f"the model has no layer named {name!r}; the layers that can be widened are {sorted(producers)}")
+
+
+def _collect(graph: Graph, groups, specs: Mapping, make, different: str) -> tuple[dict, dict]:
+    """``({root gid: plan}, {root gid: the path that named it})`` from ``{layer name: spec}``.
+
+    ``make(spec, group, path)`` gives the plan; two members of one group must get the same plan
+    (``different`` ends the message when they do not).
+    """
+    chosen: dict = {}
+    named: dict = {}
+    for name, spec in specs.items():
+        path, grp = _lookup(graph, groups, name)
+        p = make(spec, grp, path)
+        if grp.gid in chosen and not same_plan(chosen[grp.gid], p):
+            raise ValueError(
+                f"layers {named[grp.gid]!r} and {path!r} are coupled (one group: {grp.producers}) but got {different}"
+            )
+        chosen[grp.gid] = p
+        named[grp.gid] = path
+    return chosen, named
 
 
 def _count(layer) -> int:
@@ -156,20 +172,14 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
     graph = Graph(model)
     groups = graph.groups()
     by_root = {g.gid: g for g in groups}
-    chosen: dict = {}
-    named: dict = {}
-    for name, spec in plans.items():
-        path, grp = _lookup(graph, groups, name)
+
+    def make(spec, grp, path):
         if spec is None or not isinstance(spec, SplitPlan):
             spec = make_plan(grp.width, spec, symmetry=symmetry, eps=eps)
         check_plan(spec, grp.width, path)
-        if grp.gid in chosen and not _same_plan(chosen[grp.gid], spec):
-            raise ValueError(
-                f"layers {named[grp.gid]!r} and {path!r} are coupled (one group: {grp.producers}) but got "
-                "different plans; give one plan for the group"
-            )
-        chosen[grp.gid] = spec
-        named[grp.gid] = path
+        return spec
+
+    chosen, named = _collect(graph, groups, plans, make, "different plans; give one plan for the group")
     chosen = {g: p for g, p in chosen.items() if not p.is_identity}
     for g in chosen:
         grp = by_root[g]
@@ -195,7 +205,23 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
                 stacklevel=2,
             )
 
-    # every variable and its steps
+    return _apply(model, graph, chosen, optimizer=optimizer, backend=backend, t0=t0, times=times,
+                  symmetry=symmetry, neurons=lambda p: np.unique(p.src[p.is_copy]).tolist())
+
+
+def _apply(model, graph: Graph, chosen: dict, *, optimizer: str, backend: str, t0: float, times: dict,
+           symmetry: str, neurons, verb: str = "split", name: str = "widen", run=None, extra=(),
+           prepare=None) -> GrowthEvent:
+    """Change every variable of the groups in ``chosen`` (root gid -> plan) in place: phases 1 (the jobs) to 7.
+
+    Shared by ``widen`` (SplitPlans) and ``prune``/``merge_twins`` (CompactPlans):
+
+    - ``neurons(plan)``: the units each LayerGrowth lists; ``symmetry``: the event's.
+    - ``verb``, ``name``: how messages call the change and the operation.
+    - ``run``: the kernel call (``fastsplit.split_many`` when None), see :func:`_run_kernels`.
+    - ``extra``: variables to rewrite without changing their shape (prune: consumer biases that take folds).
+    - ``prepare(entries)``: called after the export; may set ``entry.base``, the array the steps read.
+    """
     steps: dict = {}
     owners: dict = {}
     for use in graph.uses:
@@ -205,24 +231,28 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
         var = use.var
         axis = use.axis % len(var.shape)
         lst = steps.setdefault(id(var), [])
-        owners[id(var)] = (var, use.path, use.attr)
+        owners[id(var)] = var
         clash = [s for s in lst if s.axis == axis]
         if clash:
-            if clash[0].kind == use.kind and _same_plan(clash[0].plan, p):
+            if clash[0].kind == use.kind and same_plan(clash[0].plan, p):
                 continue
-            raise ValueError(f"{use.path}/{use.attr} would be split twice on axis {axis} with different plans")
+            raise ValueError(f"{use.path}/{use.attr} would be {verb} twice on axis {axis} with different plans")
         lst.append(_Step(axis, p, use.kind, use.channels))
     for lst in steps.values():
         lst.sort(key=lambda s: s.side == "consuming")  # producing axis first (noise sees the original columns)
+    for var in extra:
+        owners.setdefault(id(var), var)
 
     opt = getattr(model, "optimizer", None)
     slots, unknown = _optim.slot_map(opt, optimizer)
     opt_mode = optimizer if unknown is None else f"reset:{unknown}"
     entries: list[_Entry] = []
-    for key, lst in steps.items():
-        var = owners[key][0]
+    for key, var in owners.items():
+        lst = steps.get(key, [])
         roles = [(s.axis, s.plan, "outgoing" if s.kind == "outgoing" else _PRODUCING[s.kind], s.channels) for s in lst]
         entries.append(_Entry(var, var, roles))
+        if not lst:
+            continue  # an extra variable keeps its shape, and its slots
         for slot, kind in slots.get(key, []):
             if tuple(slot.shape) != tuple(var.shape):
                 if len(slot.shape) == 0:
@@ -251,22 +281,27 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
     for e in entries:
         if e.source is not None:
             e.native = interop.export(_vars.value_of(e.source))
+    if prepare is not None:
+        prepare(entries)
     times["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    split = [e for e in entries if e.source is not None]
+    split = [e for e in entries if e.source is not None and e.steps]
     try:
-        calls = _run_kernels(split, backend)
+        calls = _run_kernels(split, backend, run=run)
     except SplitError as exc:
-        raise SplitError(f"widen failed before changing the model: {exc}") from exc
+        raise SplitError(f"{name} failed before changing the model: {exc}") from exc
+    for e in entries:
+        if e.source is not None and not e.steps:
+            e.value = e.native.array if e.base is None else e.base  # an extra variable that keeps its shape
     times["kernel"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    for e in split:
-        e.value = interop.import_(e.value, e.native)
-        e.native = None
     for e in entries:
-        if e.source is None:
+        if e.source is not None:
+            e.value = interop.import_(e.value, e.native)
+            e.native = e.base = None
+        else:
             e.value = _vars.full(e.target, e.new_shape, e.target.dtype, e.fill)
     times["import"] = time.perf_counter() - t
 
@@ -279,11 +314,9 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
     # -- swap --------------------------------------------------------------------------------------
     t = time.perf_counter()
     params_before = int(model.count_params())
-    layer_before = {}
-    for grp_id in chosen:
-        for path, layer in ((p, lay) for g in graph.producers for p, lay in graph.producers[g]
-                            if graph.find(g) == grp_id):
-            layer_before[path] = _count(layer)
+    members = {g: [(p, lay) for gg in graph.producers for p, lay in graph.producers[gg] if graph.find(gg) == g]
+               for g in chosen}
+    layer_before = {p: _count(lay) for g in chosen for p, lay in members[g]}
     old_keys = {}
     for o in _optim.unwrap(opt):
         for v in getattr(o, "_trainable_variables", []) or []:
@@ -331,10 +364,9 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
         split_calls=calls,
     )
     for i, (g, p) in enumerate(sorted(chosen.items())):
-        neurons = np.unique(p.src[p.is_copy]).tolist()
-        for path, layer in ((pp, lay) for gg in graph.producers for pp, lay in graph.producers[gg]
-                            if graph.find(gg) == g):
-            event.layers[path] = LayerGrowth(path, p.width, p.new_width, neurons, layer_before.get(path, 0),
+        units = neurons(p)
+        for path, layer in members[g]:
+            event.layers[path] = LayerGrowth(path, p.width, p.new_width, units, layer_before.get(path, 0),
                                              _count(layer), i)
     times["total"] = time.perf_counter() - t0
     event.times = times
@@ -364,15 +396,24 @@ TEMP_FRACTION = 0.1
 TEMP_MIN_BYTES = 64 << 20
 
 
-def _run_kernels(split: list, backend: str) -> int:
+def _run_kernels(split: list, backend: str, run=None) -> int:
     """Write every entry's new array into ``entry.value``; returns the number of ``split_many`` calls.
+
+    Each entry's steps read ``entry.base`` when it is set, else ``entry.native.array``. ``run`` makes the
+    new arrays from a list of jobs: ``fastsplit.split_many`` when None (looked up at each call),
+    ``fastsplit.compact.compact_many`` for prune.
 
     Tensors split on one axis (almost all) go in the first call. A kernel split on both axes (a
     layer that consumes one group and produces another) needs two gathers; those run in chunks
     (first axis, then second) so that few intermediates are alive at once.
     """
+    if run is None:
+        run = _core.split_many
     one = [e for e in split if len(e.steps) == 1]
     two = [e for e in split if len(e.steps) == 2]
+
+    def source(e):
+        return e.native.array if e.base is None else e.base
 
     def job(x, e, k):
         axis, plan, role, channels = e.steps[k]
@@ -399,10 +440,10 @@ def _run_kernels(split: list, backend: str) -> int:
     calls = 0
     pending = one
     for chunk in chunks:
-        jobs = [job(e.native.array, e, 0) for e in pending] + [job(e.native.array, e, 0) for e in chunk]
+        jobs = [job(source(e), e, 0) for e in pending] + [job(source(e), e, 0) for e in chunk]
         if not jobs:
             continue
-        outs = _core.split_many(jobs, backend=backend)
+        outs = run(jobs, backend=backend)
         calls += 1
         for e, arr in zip(pending, outs, strict=False):
             e.value = arr
@@ -410,7 +451,7 @@ def _run_kernels(split: list, backend: str) -> int:
         del outs
         pending = []
         if chunk:
-            outs2 = _core.split_many([job(t, e, 1) for t, e in zip(tmp, chunk, strict=False)], backend=backend)
+            outs2 = run([job(t, e, 1) for t, e in zip(tmp, chunk, strict=False)], backend=backend)
             calls += 1
             del tmp
             for e, arr in zip(chunk, outs2, strict=False):
@@ -436,7 +477,7 @@ def _new_len(old: int, plan: SplitPlan) -> int:
 
 
 def _update_graph(graph: Graph, chosen: dict, setattr_undo) -> None:
-    """Layer widths, symbolic tensor shapes, input specs and build shapes after the swap."""
+    """Layer widths, symbolic tensor shapes, input specs and build shapes after the swap (any kind of plan)."""
     find = graph.find
     for layer, attr, ref in graph.width_attrs:
         p = evaluate(ref, chosen, find)
@@ -451,11 +492,9 @@ def _update_graph(graph: Graph, chosen: dict, setattr_undo) -> None:
         shape = list(graph.tensors[key].shape)
         shape[lab.units.axis] = _new_len(shape[lab.units.axis], p)
         new_shapes[key] = tuple(shape)
-    old_shapes = {}
     for key, info in graph.tensors.items():
         c = graph.canon(key)
         if c in new_shapes and info.kt is not None:
-            old_shapes[key] = tuple(info.kt.shape)
             setattr_undo(info.kt, "_shape", new_shapes[c])
             _fix_input_layer(info.kt, new_shapes[c], setattr_undo)
 
