@@ -56,6 +56,9 @@ class GrowthEvent:
         bytes_new: bytes of the new tensors.
         split_calls: how many ``split_many`` calls the event needed (2 when a
             kernel is both a consumer and a producer).
+        kind: ``"split"`` (:func:`~fastsplit.keras.widen`), ``"prune"``
+            (:func:`~fastsplit.keras.prune`; ``LayerGrowth.neurons`` lists the
+            removed units) or ``"merge"`` (:func:`~fastsplit.keras.merge_twins`).
     """
 
     layers: dict = dataclasses.field(default_factory=dict)
@@ -70,6 +73,7 @@ class GrowthEvent:
     tensors: int = 0
     bytes_new: int = 0
     split_calls: int = 0
+    kind: str = "split"
 
     @property
     def neurons_split(self) -> int:
@@ -91,6 +95,7 @@ class GrowthEvent:
 
     def summary(self) -> str:
         """One line per layer: ``name: old -> new (k split)``."""
-        lines = [f"{n}: {g.old_width} -> {g.new_width} ({len(g.neurons)} split)" for n, g in self.layers.items()]
+        verb = {"split": "split", "prune": "removed", "merge": "merged away"}.get(self.kind, self.kind)
+        lines = [f"{n}: {g.old_width} -> {g.new_width} ({len(g.neurons)} {verb})" for n, g in self.layers.items()]
         lines.append(f"params {self.params_before} -> {self.params_after} in {self.times.get('total', 0):.4f}s")
         return "\n".join(lines)

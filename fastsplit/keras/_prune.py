@@ -118,7 +118,7 @@ def _with_delta(native, delta):
 
 
 def _compact(model, graph: Graph, chosen: dict, folds: list, optimizer: str, backend: str, t0: float,
-             times: dict) -> GrowthEvent:
+             times: dict, kind: str) -> GrowthEvent:
     """Compact every variable of the groups in ``chosen`` (root gid -> CompactPlan) and add ``folds``, in place.
 
     ``widen``'s machinery (``_widen._apply``) with ``compact_many`` as the kernel; each folded bias reads
@@ -143,12 +143,12 @@ def _compact(model, graph: Graph, chosen: dict, folds: list, optimizer: str, bac
 
     return _apply(model, graph, chosen, optimizer=optimizer, backend=backend, t0=t0, times=times,
                   symmetry="none", neurons=lambda p: p.removed.tolist(), verb="compacted", name="the compaction",
-                  run=compact_many, extra=[f.layer.bias for f in folds], prepare=add_folds)
+                  run=compact_many, extra=[f.layer.bias for f in folds], prepare=add_folds, kind=kind)
 
 
-def _empty_event(model, optimizer: str, backend: str, t0: float) -> GrowthEvent:
+def _empty_event(model, optimizer: str, backend: str, t0: float, kind: str) -> GrowthEvent:
     n = int(model.count_params())
-    return GrowthEvent(params_before=n, params_after=n, symmetry="none", optimizer=optimizer,
+    return GrowthEvent(params_before=n, params_after=n, symmetry="none", optimizer=optimizer, kind=kind,
                        backend=_backend_used(backend), keras_backend=_vars.backend_name(),
                        times={"total": time.perf_counter() - t0})
 
@@ -308,11 +308,11 @@ def prune(model, units, *, data=None, optimizer: str = "carry", backend: str = "
     for g in chosen:
         _refuse(by_root[g], named[g], "prune")
     if not chosen:
-        return _empty_event(model, optimizer, backend, t0)
+        return _empty_event(model, optimizer, backend, t0, "prune")
     times = {}
     folds = _folds(model, graph, chosen, data, batch_size) if data is not None else []
     times["probe"] = time.perf_counter() - t0
-    return _compact(model, graph, chosen, folds, optimizer, backend, t0, times)
+    return _compact(model, graph, chosen, folds, optimizer, backend, t0, times, "prune")
 
 
 # -- merge_twins --------------------------------------------------------------------------------------------
@@ -427,8 +427,8 @@ def merge_twins(model, *, atol: float = 0.0, layers=None, optimizer: str = "carr
         if twins:
             chosen[g.gid] = compact_plan(g.width, merge=twins)
     if not chosen:
-        return _empty_event(model, optimizer, backend, t0)
-    return _compact(model, graph, chosen, [], optimizer, backend, t0, {})
+        return _empty_event(model, optimizer, backend, t0, "merge")
+    return _compact(model, graph, chosen, [], optimizer, backend, t0, {}, "merge")
 
 
 __all__ = ["evaluate", "find_twins", "merge_twins", "prune"]

@@ -210,7 +210,7 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
 
 
 def _apply(model, graph: Graph, chosen: dict, *, optimizer: str, backend: str, t0: float, times: dict,
-           symmetry: str, neurons, verb: str = "split", name: str = "widen", run=None, extra=(),
+           symmetry: str, neurons, verb: str = "split", name: str = "widen", run=None, extra=(), kind: str = "split",
            prepare=None) -> GrowthEvent:
     """Change every variable of the groups in ``chosen`` (root gid -> plan) in place: phases 1 (the jobs) to 7.
 
@@ -362,6 +362,7 @@ def _apply(model, graph: Graph, chosen: dict, *, optimizer: str, backend: str, t
         tensors=len(entries),
         bytes_new=int(sum(int(np.prod(e.new_shape)) * np.dtype(_np_dtype(e.target)).itemsize for e in entries)),
         split_calls=calls,
+        kind=kind,
     )
     for i, (g, p) in enumerate(sorted(chosen.items())):
         units = neurons(p)

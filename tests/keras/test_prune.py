@@ -378,3 +378,24 @@ def test_atomic_on_failure(monkeypatch, what, where):
     model.train_on_batch(x, y)
     (prune(model, {"conv": [1]}, data=x) if what == "prune" else merge_twins(model))
     model.train_on_batch(x, y)
+
+
+def test_events_say_what_kind_of_change_they_were():
+    import keras
+
+    import fastsplit.keras as fk
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).standard_normal((64, 6)).astype("float32")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="h"),
+                              keras.layers.Dense(2, name="o")])
+    model.compile("adam", "mse")
+    h = model.get_layer("h")
+    h.bias.assign(np.where(np.arange(8) < 2, -100.0, 0.0).astype("float32"))
+    assert fk.widen(model, {"h": [3]}, symmetry="none").kind == "split"
+    pruned = fk.prune(model, fk.dead_units(model, x), data=x)
+    assert pruned.kind == "prune" and "removed" in pruned.summary()
+    merged = fk.merge_twins(model)
+    assert merged.kind == "merge" and merged.layers["h"].new_width == 6
+    assert [e.kind for e in fk.history(model)] == ["split", "prune", "merge"]
+    assert fk.GrowthEvent.from_dict(merged.to_dict()).kind == "merge"
