@@ -215,10 +215,43 @@ def exact(p: SplitPlan) -> SplitPlan:
     return SplitPlan(width=p.width, src=p.src, ratio=p.ratio, offset=np.zeros_like(p.offset), symmetry="none")
 
 
-def model_at_widths(model, widths):
-    """A fresh, built copy of ``model``'s architecture with the given unit counts. Cost: one model build."""
+def _coupled(model):
+    """Producer name -> the names of every producer of its coupled group (itself included), in graph order."""
+    out = {}
+    for g in _graph_groups(model) or []:
+        for p in g.producers:
+            out[p] = list(g.producers)
+    return out
+
+
+def _spread(model, widths, coupled=None):
+    """``widths`` with each named layer's width given to every producer of its coupled group.
+
+    The callbacks name a group by one producer (``growable_layers``); the others (all the
+    layers feeding one ``Add``) must be rebuilt with the same width. Two producers of one
+    group given different widths raise.
+    """
+    coupled = _coupled(model) if coupled is None else coupled
+    out = dict(widths)
+    for name, w in widths.items():
+        for mate in coupled.get(name, ()):
+            if mate in widths and int(widths[mate]) != int(w):
+                raise ValueError(
+                    f"layers {name!r} and {mate!r} feed one coupled group and must have one width; "
+                    f"got {name}={int(w)} and {mate}={int(widths[mate])}"
+                )
+            out[mate] = int(w)
+    return out
+
+
+def model_at_widths(model, widths, coupled=None):
+    """A fresh, built copy of ``model``'s architecture with the given unit counts. Cost: one model build.
+
+    A width given for one producer of a coupled group applies to the whole group.
+    """
     import keras
 
+    widths = _spread(model, widths, coupled)
     cfg = model.get_config()
     layer_cfgs = cfg["layers"] if isinstance(cfg, dict) and "layers" in cfg else None
     if layer_cfgs is None:
@@ -237,17 +270,21 @@ def model_at_widths(model, widths):
 
 
 def unit_costs(model, names):
-    """Parameters one more unit adds, per layer name (incoming column, bias, per-unit state, outgoing rows).
+    """Parameters one more unit adds, per layer name (incoming column, bias, per-unit state, outgoing rows;
+    for a coupled group, those of every producer of the group).
 
     Cost: one model build per layer.
     """
     widths = {layer.name: width_of(layer) for layer in model.layers if layer.name in set(names) or _has_units(layer)}
-    base = model_at_widths(model, widths).count_params()
+    coupled = _coupled(model)
+    base = model_at_widths(model, widths, coupled).count_params()
     out = {}
     for name in names:
         w = dict(widths)
-        w[name] += 1
-        out[name] = max(1, model_at_widths(model, w).count_params() - base)
+        for mate in coupled.get(name, [name]):  # one more unit of a coupled group widens all its producers
+            if mate in w:
+                w[mate] += 1
+        out[name] = max(1, model_at_widths(model, w, coupled).count_params() - base)
     return out
 
 
