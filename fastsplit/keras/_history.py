@@ -22,40 +22,31 @@ def _get(model) -> list:
     return getattr(model, "_fastsplit_history", None) or []
 
 
+class _SavesHistory:
+    """Adds the growth history to a model's config and reads it back (the history survives save/load)."""
+
+    def get_config(self):
+        config = super().get_config()
+        config[KEY] = list(_get(self))
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        hist = config.pop(KEY, [])
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._fastsplit_history = list(hist)
+        return model
+
+
 @keras.saving.register_keras_serializable(package="fastsplit")
-class GrownFunctional(Functional):
+class GrownFunctional(_SavesHistory, Functional):
     """A Functional model that ``fastsplit.keras.widen`` has grown (adds the history to its config)."""
 
-    def get_config(self):
-        config = super().get_config()
-        config[KEY] = list(_get(self))
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        hist = config.pop(KEY, [])
-        model = super().from_config(config, custom_objects=custom_objects)
-        model._fastsplit_history = list(hist)
-        return model
-
 
 @keras.saving.register_keras_serializable(package="fastsplit")
-class GrownSequential(keras.Sequential):
+class GrownSequential(_SavesHistory, keras.Sequential):
     """A Sequential model that ``fastsplit.keras.widen`` has grown (adds the history to its config)."""
-
-    def get_config(self):
-        config = super().get_config()
-        config[KEY] = list(_get(self))
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        hist = config.pop(KEY, [])
-        model = super().from_config(config, custom_objects=custom_objects)
-        model._fastsplit_history = list(hist)
-        return model
 
 
 _GROWN = {Functional: GrownFunctional, keras.Sequential: GrownSequential, keras.Model: GrownFunctional}
