@@ -7,20 +7,25 @@ in place (the same object keeps training, saving and predicting);
 Works with the TensorFlow, JAX and PyTorch Keras backends.
 """
 
+from ._errors import GrowthError
 from ._event import GrowthEvent, LayerGrowth
-from ._graph import CoupledGroup
 from ._history import GrownFunctional, GrownSequential, history
+from ._rules import register_rule
+from ._units import CoupledGroup
 from ._widen import widen
 
 
 def coupled_groups(model) -> list[CoupledGroup]:
     """The groups of units that must be split together, in graph order.
 
+    Every producing layer (Dense, Conv, ConvTranspose, SeparableConv, also
+    inside nested models and traced custom layers) is in exactly one group.
     Each :class:`CoupledGroup` lists its producing layers (one plan splits them
     all: a layer alone, or every layer feeding one residual stream through
-    ``Add`` and friends), its width, the layers it touches, its consumers,
-    the layers that need uniform copies (LayerNormalization/GroupNormalization
-    across the units) and, when it cannot be split, why (``refused``).
+    ``Add``, ``+`` and friends), its width, the layers it touches, its
+    consumers, the layers that need uniform copies (LayerNormalization,
+    RMSNormalization, GroupNormalization across the units) and, when it cannot
+    be split, why (``refused``; ``group.splittable`` is ``not refused``).
 
     Cost: one walk over the model's graph; no weights are read.
     """
@@ -29,8 +34,8 @@ def coupled_groups(model) -> list[CoupledGroup]:
     return Graph(model).groups()
 
 
-__all__ = ["CoupledGroup", "GrownFunctional", "GrownSequential", "GrowthEvent", "LayerGrowth", "coupled_groups",
-           "history", "widen"]
+__all__ = ["CoupledGroup", "GrowthError", "GrownFunctional", "GrownSequential", "GrowthEvent", "LayerGrowth",
+           "coupled_groups", "history", "register_rule", "widen"]
 
 # --- growing while training (callbacks) ---
 from .split_every import SplitEvery  # noqa: E402

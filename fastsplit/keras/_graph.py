@@ -1,304 +1,97 @@
 """The graph walk: which units of a Keras model must be split together.
 
-A *group* is a set of producing layers (Dense, Conv1D/2D/3D) whose output
-units reach the same consumers, so they must be split with one plan: a layer
-on its own, or every producer feeding a residual stream through ``Add`` and
-friends. The walk labels every tensor of the (flattened, nested models
-included) graph in topological order with where its unit axis comes from and
-records every variable that the split of a group touches as a :class:`Use`.
-Everything here depends on the graph only, never on variable values.
+The model is flattened into one list of :class:`Op` (one per call of a layer
+or ``keras.ops`` operation): nested Functional and Sequential models are
+inlined, and a layer that has no rule (a user's subclassed block) is looked
+into by tracing its ``call`` on symbolic inputs. Then every op, in
+topological order, goes through the rule of its class (``_rules``), which
+labels its output with where the split units sit and records every variable
+that a split touches as a :class:`Use`. A *group* is a set of producing
+layers whose units must share one plan: a layer alone, or every producer
+feeding a residual stream. Everything here depends on the graph only, never
+on variable values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
-import numpy as np
-
-from .._errors import SplitError
-from ..compact import CompactPlan
-from ..compact import concat as compact_concat
-from ..compact import identity as compact_identity
 from ..plan import SplitPlan
+from ._errors import GrowthError
+from ._rules import ELEMENTWISE, rule_for
+from ._units import (
+    ConcatRef,
+    CoupledGroup,
+    GroupRef,
+    Label,
+    Op,
+    TensorInfo,
+    Units,
+    Use,
+    groups_of,
+)
 
-# -- layer classes ---------------------------------------------------------------------------------------
 
-_ELEMENTWISE = {
-    "linear", "relu", "relu6", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "silu", "softplus",
-    "softsign", "exponential", "hard_sigmoid", "hard_silu", "hard_swish", "leaky_relu", "mish", "celu",
-    "sparse_plus", "squareplus", "soft_shrink", "hard_shrink", "tanh_shrink", "hard_tanh", "threshold",
-}
-
-
-def _keras_classes():
+def _model_classes():
     import keras
-    from keras import layers as L
-
-    c = {}
-    c["dense"] = (L.Dense,)
-    c["conv"] = (L.Conv1D, L.Conv2D, L.Conv3D)
-    c["depthwise"] = tuple(getattr(L, n) for n in ("DepthwiseConv1D", "DepthwiseConv2D") if hasattr(L, n))
-    c["bn"] = (L.BatchNormalization,)
-    c["ln"] = (L.LayerNormalization,)
-    c["gn"] = (L.GroupNormalization,)
-    c["prelu"] = (L.PReLU,)
-    c["act"] = (L.Activation,)
-    c["act_ew"] = (L.ReLU, L.LeakyReLU, L.ELU)
-    c["softmax"] = (L.Softmax,)
-    c["noop"] = tuple(
-        getattr(L, n)
-        for n in ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity")
-        if hasattr(L, n)
-    )
-    c["spatial_drop"] = (L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D)
-    c["spatial"] = (
-        L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D,
-        L.AveragePooling3D, L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D,
-        L.Cropping3D, L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-    )
-    c["global"] = (
-        L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
-        L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
-    )
-    c["flatten"] = (L.Flatten,)
-    c["reshape"] = (L.Reshape,)
-    c["merge"] = (L.Add, L.Subtract, L.Multiply, L.Maximum, L.Minimum, L.Average)
-    c["concat"] = (L.Concatenate,)
-    c["input"] = (L.InputLayer,)
     from keras.src.models.functional import Functional
 
+    return (keras.Sequential, Functional)
+
+
+def _is_graph_model(layer) -> bool:
+    """A Functional or Sequential model (or fastsplit's registered subclasses of them), whose graph is known."""
     from ._history import GrownFunctional, GrownSequential
 
-    c["sequential"] = (keras.Sequential, GrownSequential)
-    c["functional"] = (Functional, GrownFunctional)
-    return c
+    seq, fn = _model_classes()
+    return type(layer) in (seq, fn, GrownFunctional, GrownSequential)
 
 
-_CLASSES: dict = {}
+def _traceable(layer) -> bool:
+    """A user's layer (no rule, not one of Keras' own layers): its ``call`` is traced."""
+    import keras
 
-
-def classes() -> dict:
-    if not _CLASSES:
-        _CLASSES.update(_keras_classes())
-    return _CLASSES
-
-
-def _is(layer, kind: str) -> bool:
-    """Exact-type membership: a user's subclass of Dense may override ``call``, so it is refused."""
-    return type(layer) in classes()[kind]
+    module = type(layer).__module__
+    return isinstance(layer, keras.layers.Layer) and not module.startswith(("keras.src.layers", "keras.layers"))
 
 
 def _act_name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
-# -- plan expressions ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupRef:
-    """The units of group ``gid``; each unit repeated ``expand`` times (DepthwiseConv multiplier)."""
-
-    gid: int
-    width: int
-    expand: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class ConcatRef:
-    """A Concatenate along the unit axis: ``parts`` are (GroupRef | ConcatRef | None, width)."""
-
-    parts: tuple
-
-
-def _identity(width: int, like=None):
-    """The plan that keeps all ``width`` units, of the kind of ``like`` (a SplitPlan unless it is a CompactPlan)."""
-    if isinstance(like, CompactPlan):
-        return compact_identity(width)
-    return SplitPlan(width, np.arange(width), np.ones(width), np.zeros(width))
-
-
-def expand_plan(plan, k: int):
-    """Each unit ``u`` read as ``k`` consecutive channels ``u*k .. u*k+k-1`` (no bias offsets)."""
-    if isinstance(plan, CompactPlan):
-        return plan.expand(k)
-    if k == 1:
-        return plan
-    q = np.arange(k)
-    src = (plan.src[:, None] * k + q[None, :]).reshape(-1)
-    ratio = np.repeat(plan.ratio, k)
-    return SplitPlan(plan.width * k, src, ratio, np.zeros(src.shape[0]), plan.symmetry, plan.sigma, plan.seed)
-
-
-def concat_plans(parts: list):
-    """The plan of a concatenated axis: each part's new units take the place of its old ones."""
-    if any(isinstance(p, CompactPlan) for p in parts):
-        return compact_concat(parts)
-    srcs, ratios, offsets, off = [], [], [], 0
-    for p in parts:
-        srcs.append(p.src + off)
-        ratios.append(p.ratio)
-        offsets.append(p.offset)
-        off += p.width
-    first = next((p for p in parts if not p.is_identity), parts[0])
-    return SplitPlan(off, np.concatenate(srcs), np.concatenate(ratios), np.concatenate(offsets),
-                     first.symmetry, first.sigma, first.seed)
-
-
-def same_plan(a, b) -> bool:
-    """Whether two plans (both SplitPlans or both CompactPlans) do the same to an axis."""
-    if isinstance(a, CompactPlan) or isinstance(b, CompactPlan):
-        return (type(a) is type(b) and a.width == b.width and np.array_equal(a.src, b.src)
-                and a.merge == b.merge)
-    return (a.width == b.width and np.array_equal(a.src, b.src) and np.array_equal(a.ratio, b.ratio)
-            and np.array_equal(a.offset, b.offset))
-
-
-def evaluate(ref, plans: dict, find):
-    """The plan of a tensor's unit axis given the plans of the groups changed now (None: unchanged).
-
-    ``plans`` maps root gids to :class:`SplitPlan` (widen) or :class:`fastsplit.CompactPlan` (prune,
-    merge_twins), all of one kind; the result is of that kind.
-    """
-    if isinstance(ref, GroupRef):
-        p = plans.get(find(ref.gid))
-        return None if p is None else expand_plan(p, ref.expand)
-    subs = [(None if sub is None else evaluate(sub, plans, find), width) for sub, width in ref.parts]
-    like = next((p for p, _ in subs if p is not None), None)
-    if like is None:
-        return None
-    parts = [_identity(width, like) if p is None else p for p, width in subs]
-    if len(parts) == 1:
-        return parts[0]
-    return concat_plans(parts)
-
-
-def groups_of(ref, find) -> set[int]:
-    if ref is None:
-        return set()
-    if isinstance(ref, GroupRef):
-        return {find(ref.gid)}
-    out = set()
-    for sub, _ in ref.parts:
-        out |= groups_of(sub, find)
-    return out
-
-
-# -- graph records ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Units:
-    """Where the units sit in a tensor: ``axis`` of a tensor of rank ``rank`` (batch axis 0).
-
-    A flattened axis holds ``positions * width`` entries, read positions × units
-    (``channels="last"``) or units × positions (``"first"``).
-    """
-
-    axis: int
-    rank: int
-    positions: int = 1
-    channels: str = "last"
-
-
-@dataclasses.dataclass
-class Label:
-    ref: Any  # GroupRef | ConcatRef
-    units: Units
-
-
-@dataclasses.dataclass
-class Use:
-    """One variable touched when the group(s) in ``ref`` are split.
-
-    ``kind``: ``"incoming"`` (producer kernel, output axis), ``"bias"`` (producer
-    bias or a normaliser's beta that carries the symmetry offsets), ``"state"``
-    (per-unit parameter or statistic between producer and consumer, producing
-    side) or ``"outgoing"`` (consumer kernel, input axis).
-    """
-
-    layer: Any
-    path: str
-    attr: str  # name of the weight in the layer (for messages)
-    var: Any
-    axis: int
-    kind: str
-    ref: Any
-    channels: str = "last"
-
-
-@dataclasses.dataclass
-class Op:
-    layer: Any
-    path: str
-    inputs: list  # tensor keys
-    outputs: list
-    node: Any = None
-
-
-@dataclasses.dataclass
-class TensorInfo:
-    key: Any
-    shape: tuple
-    kt: Any = None  # the KerasTensor, when there is one
-
-
-@dataclasses.dataclass
-class CoupledGroup:
-    """Units that must be split together (see ``coupled_groups``).
-
-    Attributes:
-        producers: paths of the layers whose output units form the group, in graph order.
-        width: the number of units.
-        layers: every layer touched when the group is split (producers, per-unit
-            state, pass-through, consumers).
-        consumers: layers whose incoming weights receive the units.
-        refused: why the group cannot be split (empty when it can).
-        uniform: layers that require every unit to get the same number of copies.
-    """
-
-    producers: list
-    width: int
-    layers: list
-    consumers: list
-    refused: list
-    uniform: list
-    gid: int = -1
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("gid")
-        return d
-
-
 class Graph:
-    """The flattened graph of a Functional or Sequential model, labelled with unit groups."""
+    """The flattened graph of a Functional or Sequential model, labelled with unit groups.
+
+    Rules (``_rules``) call the methods under "the rule API" below.
+    """
 
     def __init__(self, model):
         self.model = model
         self.ops: list[Op] = []
         self.tensors: dict = {}
-        self.alias: dict = {}  # tensor key -> canonical key (nested model boundaries)
+        self.alias: dict = {}  # tensor key -> canonical key (nested model and traced layer boundaries)
         self.model_inputs: list = []
         self.model_outputs: list = []
         self.layer_paths: dict = {}  # id(layer) -> path
         self.nested: list = []  # (nested model, None, outer input keys)
+        self.opaque: dict = {}  # id(op) -> why its call could not be looked into
         self.missing_bias: list = []  # (gid, path): producers where a "nudge" offset has nowhere to go
         self._build(model, prefix="", outer_inputs=None, outer_outputs=None, top=True)
         self._parent = {}
         self.labels: dict = {}
         self.uses: list[Use] = []
         self.producers: dict = {}  # gid -> [(path, layer)]
+        self.producer_ops: dict = {}  # path -> first Op of each producing layer
         self.group_width: dict = {}
         self.refusals: dict = {}  # gid -> [reason]
-        self.uniform: dict = {}  # gid -> [(path, ref, units)]
+        self.uniform_layers: dict = {}  # gid -> [(path, ref, units)]
         self.touched: dict = {}  # gid -> ordered dict path -> layer
         self.consumers: dict = {}
-        self.width_attrs: list = []  # (layer, attr, GroupRef): Dense.units / Conv.filters / GroupNorm.groups
+        self.configs: list = []  # (object, attribute, ref, index): widths in layer configs
         self.shape_tensors: list = []  # tensor keys whose unit axis may change
-        self.layer_inputs: list = []  # (layer, node-input keys) for input specs / build shapes
+        self.layer_inputs: list = []  # (layer, node, input keys) for input specs / build shapes
+        self._producer_gid: dict = {}
+        self._offset_cache: dict = {}
         self._label()
 
     # -- building the flat graph ------------------------------------------------------------------------
@@ -315,19 +108,20 @@ class Graph:
         return key
 
     def _build(self, model, prefix, outer_inputs, outer_outputs, top):
-        c = classes()
         fn = model
-        if isinstance(model, c["sequential"]):
+        seq, _ = _model_classes()
+        if isinstance(model, seq):
             fn = model._functional
             if fn is None:
-                raise ValueError(
+                raise GrowthError(
                     f"Sequential model {model.name!r} has no graph yet: build it (give it an Input or call "
                     "build/fit) before widening"
                 )
-        elif not isinstance(model, c["functional"]):
-            raise ValueError(
-                f"widen needs a Functional or Sequential model; {model.name!r} is a subclassed "
-                f"{type(model).__name__}, whose graph fastsplit cannot see"
+        elif not _is_graph_model(model):
+            raise GrowthError(
+                f"fastsplit needs a Functional or Sequential model; {model.name!r} is a subclassed "
+                f"{type(model).__name__}, whose graph fastsplit cannot see. Call it inside a Functional model "
+                "(its blocks are then looked into) or rebuild it with the functional API"
             )
         inputs = [self._add_tensor(t) for t in fn.inputs]
         outputs = [self._add_tensor(t) for t in fn.outputs]
@@ -339,22 +133,79 @@ class Graph:
                 self.alias[i] = o
             for o, i in zip(outer_outputs, outputs, strict=False):
                 self.alias[o] = i
-        depths = sorted(fn._nodes_by_depth.keys(), reverse=True)
-        for d in depths:
+        for d in sorted(fn._nodes_by_depth.keys(), reverse=True):
             for node in fn._nodes_by_depth[d]:
-                layer = node.operation
-                if _is(layer, "input") or getattr(node, "is_input", False):
-                    continue
-                path = prefix + layer.name
-                self.layer_paths.setdefault(id(layer), path)
-                ins = [self._add_tensor(t) for t in node.input_tensors]
-                outs = [self._add_tensor(t) for t in node.output_tensors]
-                if isinstance(layer, c["sequential"]) or isinstance(layer, c["functional"]):
-                    if type(layer) in c["sequential"] or type(layer) in c["functional"]:
-                        self.nested.append((layer, None, ins))
-                        self._build(layer, path + "/", ins, outs, top=False)
-                        continue
-                self.ops.append(Op(layer, path, ins, outs, node))
+                self._add_node(node, prefix)
+
+    def _add_node(self, node, prefix):
+        layer = node.operation
+        if type(layer).__name__ == "InputLayer" or getattr(node, "is_input", False):
+            return
+        path = prefix + layer.name
+        self.layer_paths.setdefault(id(layer), path)
+        ins = [self._add_tensor(t) for t in node.input_tensors]
+        outs = [self._add_tensor(t) for t in node.output_tensors]
+        if _is_graph_model(layer):
+            self.nested.append((layer, None, ins))
+            self._build(layer, path + "/", ins, outs, top=False)
+            return
+        op = Op(layer, path, ins, outs, node)
+        if rule_for(layer) is None and _traceable(layer):
+            try:
+                self._trace(op)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure of a user's call means "cannot look into it"
+                self.opaque[id(op)] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.ops.append(op)
+
+    def _trace(self, op):
+        """Inline a user's layer: call its ``call`` on fresh symbolic inputs and add the nodes it records."""
+        from keras import KerasTensor
+
+        layer, node = op.layer, op.node
+        fresh = {id(kt): KerasTensor(kt.shape, dtype=kt.dtype) for kt in node.input_tensors}
+        args, kwargs = node.arguments.fill_in(fresh)
+        if getattr(layer, "_call_has_training_arg", False):
+            kwargs["training"] = False
+        touched = [layer, *layer._flatten_layers(include_self=False, recursive=True)]
+        saved = [(lay, len(lay._inbound_nodes), len(lay._outbound_nodes)) for lay in touched]
+        try:
+            result = layer.call(*args, **kwargs)
+            outs = result if isinstance(result, (list, tuple)) else [result]
+            if len(outs) != len(op.outputs) or not all(isinstance(t, KerasTensor) for t in outs):
+                raise GrowthError("its call returned something other than its output tensors")
+            nodes = self._recorded_nodes(outs, set(fresh))
+        finally:
+            for lay, n_in, n_out in saved:
+                del lay._inbound_nodes[n_in:]
+                del lay._outbound_nodes[n_out:]
+        for outer, kt in fresh.items():
+            self._add_tensor(kt)
+            self.alias[id(kt)] = outer
+        for outer, kt in zip(op.outputs, outs, strict=False):
+            self._add_tensor(kt)
+            self.alias[outer] = id(kt)
+        for n in nodes:
+            self._add_node(n, op.path + "/")
+
+    @staticmethod
+    def _recorded_nodes(outputs, inputs: set) -> list:
+        """The nodes between ``inputs`` (tensor ids) and ``outputs``, each once."""
+        seen, order, stack = set(), [], list(outputs)
+        while stack:
+            kt = stack.pop()
+            if id(kt) in inputs:
+                continue
+            hist = getattr(kt, "_keras_history", None)
+            if hist is None or hist.operation is None:
+                raise GrowthError("its output depends on a tensor that is not one of its inputs")
+            n = hist.operation._inbound_nodes[hist.node_index]
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            order.append(n)
+            stack.extend(n.input_tensors)
+        return order
 
     # -- labelling -------------------------------------------------------------------------------------
 
@@ -369,15 +220,11 @@ class Graph:
             self._parent[max(a, b)] = min(a, b)
         return min(a, b)
 
-    def _refuse(self, ref, reason):
-        for g in groups_of(ref, self.find):
-            self.refusals.setdefault(g, []).append(reason)
-
     def _touch(self, ref, path, layer):
         for g in groups_of(ref, self.find):
             self.touched.setdefault(g, {}).setdefault(path, layer)
 
-    def _shape(self, key):
+    def shape(self, key):
         return self.tensors[self.canon(key)].shape
 
     def _label(self):
@@ -387,50 +234,38 @@ class Graph:
             for k in op.inputs:
                 consumers_of.setdefault(self.canon(k), []).append(op)
         self.consumers_of = consumers_of  # tensor key -> the ops that read it
-        gid = 0
-        producer_gid: dict = {}
         for op in order:
-            layer, path = op.layer, op.path
             ins = [self.canon(k) for k in op.inputs]
             outs = [self.canon(k) for k in op.outputs]
             in_labels = [self.labels.get(k) for k in ins]
-            carried = [lab for lab in in_labels if lab is not None]
+            carried = any(lab is not None for lab in in_labels)
+            rule = rule_for(op.layer)
             out_label = None
-
-            if _is(layer, "dense") or _is(layer, "conv"):
+            if rule is None:
                 if carried:
-                    self._consume(op, in_labels[0])
-                # this layer's own output units
-                if id(layer) not in producer_gid:
-                    producer_gid[id(layer)] = gid
-                    gid += 1
-                g = producer_gid[id(layer)]
-                width = int(layer.units if _is(layer, "dense") else layer.filters)
-                ref = GroupRef(g, width)
-                rank = len(self._shape(outs[0]))
-                axis = self.channel_axis(layer, rank)
-                if g not in self.group_width:
-                    self.group_width[g] = width
-                    self.producers.setdefault(g, []).append((path, layer))
-                    self._producer_uses(op, ref, g)
-                out_label = Label(ref, Units(axis, rank))
-                self._touch(ref, path, layer)
-            elif not carried:
-                out_label = None  # no split units flow here; nothing to do
-            else:
-                out_label = self._through(op, in_labels, ins)
-
+                    self._no_rule(op, in_labels)
+            elif carried or rule.produces:
+                out_label = rule.fn(self, op, in_labels)
             for k in outs:
                 if out_label is not None:
                     self.labels[k] = out_label
                     self.shape_tensors.append(k)
             if carried:
-                self.layer_inputs.append((layer, op.node, [k for k in ins]))
+                self.layer_inputs.append((op.layer, op.node, ins))
         for k in self.model_outputs:
             lab = self.labels.get(self.canon(k))
             if lab is not None:
-                self._refuse(lab.ref, "its units reach the model output, whose shape would change")
+                self.refuse(lab, "its units reach the model output, whose shape would change")
 
+    def _no_rule(self, op, labels):
+        name = type(op.layer).__name__
+        if id(op) in self.opaque:
+            why = (f"layer {op.path!r} ({name}) could not be looked into ({self.opaque[id(op)]}); register a rule "
+                   "for it with fastsplit.keras.register_rule")
+        else:
+            why = (f"layer {op.path!r} ({name}) is not supported on the path of split units: fastsplit cannot prove "
+                   "that copying units keeps its function (fastsplit.keras.register_rule adds a rule)")
+        self.refuse(labels, why)
 
     def topological(self) -> list[Op]:
         """The ops, each after the ops that produce its inputs."""
@@ -444,7 +279,7 @@ class Graph:
             if id(op) in done:
                 return
             if id(op) in seen:
-                raise ValueError(f"the graph has a cycle at layer {op.path!r}")
+                raise GrowthError(f"the graph has a cycle at layer {op.path!r}")
             seen.add(id(op))
             for k in op.inputs:
                 p = produced_by.get(self.canon(k))
@@ -457,230 +292,215 @@ class Graph:
             visit(op)
         return order
 
+    # -- the rule API ----------------------------------------------------------------------------------
+
+    def in_shape(self, op, i: int = 0) -> tuple:
+        """The shape of ``op``'s ``i``-th input tensor (batch axis first, None where unknown)."""
+        return self.shape(op.inputs[i])
+
+    def out_shape(self, op, i: int = 0) -> tuple:
+        return self.shape(op.outputs[i])
+
     @staticmethod
     def channel_axis(layer, rank):
         """The axis of a rank-``rank`` tensor that holds ``layer``'s channels (its ``data_format``)."""
         fmt = getattr(layer, "data_format", "channels_last")
         return 1 if fmt == "channels_first" else rank - 1
 
-    def _weights(self, layer):
+    @staticmethod
+    def weights(layer) -> dict:
+        """``{short name: variable}`` of a layer's own weights."""
         return {w.path.rsplit("/", 1)[-1]: w for w in layer.weights}
 
-    def _producer_uses(self, op, ref, g):
+    def width_of(self, ref) -> int:
+        """The length of a unit axis that holds ``ref`` once (positions apart)."""
+        if isinstance(ref, GroupRef):
+            return ref.width * ref.expand
+        return sum(width for _, width in ref.parts)
+
+    def refuse(self, labels, why: str):
+        """Mark every group in ``labels`` (a Label, or a list with Nones) as not splittable; returns None."""
+        for lab in labels if isinstance(labels, (list, tuple)) else [labels]:
+            if lab is not None:
+                for g in groups_of(lab.ref, self.find):
+                    self.refusals.setdefault(g, []).append(why)
+        return None
+
+    def produce(self, op, width, kernel, kernel_axis: int, bias, attr: str, *, axis: int = -1,
+                refused: str | None = None) -> Label:
+        """``op``'s layer makes ``width`` units of its own on ``axis`` of its output: a new group.
+
+        ``kernel``'s axis ``kernel_axis`` is copied (role incoming), ``bias`` too (with the
+        symmetry offsets), and the config attribute ``attr`` follows the width. A layer called
+        several times (shared) is one group. ``refused`` lists it with that reason.
+        """
         layer, path = op.layer, op.path
-        act = _act_name(getattr(layer, "activation", None))
-        if act not in _ELEMENTWISE:
-            self.refusals.setdefault(g, []).append(
-                f"layer {path!r} applies activation {act!r} across its units; only elementwise activations "
-                "keep the function when units are copied"
-            )
-        if _is(layer, "conv") and getattr(layer, "groups", 1) != 1:
-            self.refusals.setdefault(g, []).append(f"layer {path!r} is a grouped convolution (groups={layer.groups})")
-        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-            self.refusals.setdefault(g, []).append(f"layer {path!r} uses LoRA or quantization")
-        kernel = layer._kernel if hasattr(layer, "_kernel") else layer.kernel
-        self.uses.append(Use(layer, path, "kernel", kernel, -1, "incoming", ref))
-        if layer.bias is not None:
-            kind = "bias" if self._offset_target(op) is None else "state"
-            self.uses.append(Use(layer, path, "bias", layer.bias, 0, kind, ref))
-        elif self._offset_target(op) is None:
-            self.missing_bias.append((g, path))
-        attr = "units" if _is(layer, "dense") else "filters"
-        self.width_attrs.append((layer, attr, ref))
+        g = self._producer_gid.get(id(layer))
+        if g is None:
+            g = self._producer_gid[id(layer)] = len(self._producer_gid)
+            width = int(width)
+            self.group_width[g] = width
+            self.producers.setdefault(g, []).append((path, layer))
+            self.producer_ops[path] = op
+            ref = GroupRef(g, width)
+            if refused:
+                self.refusals.setdefault(g, []).append(refused)
+            self.check_activation(op, Label(ref, Units(-1, 0)))
+            if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+                self.refusals.setdefault(g, []).append(f"layer {path!r} uses LoRA or quantization")
+            self.uses.append(Use(layer, path, "kernel", kernel, kernel_axis, "incoming", ref))
+            target = self._offset_target(op)
+            if bias is not None:
+                self.uses.append(Use(layer, path, "bias", bias, 0, "bias" if target is None else "state", ref))
+            elif target is None:
+                self.missing_bias.append((g, path))
+            self.config(layer, attr, ref)
+        ref = next(u.ref for u in self.uses if u.layer is layer and u.kind == "incoming")
+        rank = len(self.out_shape(op))
+        self._touch(ref, path, layer)
+        return Label(ref, Units(axis % rank, rank))
+
+    def consume(self, op, label: Label, var, axis: int, *, attr: str = "kernel", fold: bool = True) -> None:
+        """``var``'s axis ``axis`` reads the units of ``label`` (role outgoing: rows scaled by the ratios)."""
+        self.uses.append(Use(op.layer, op.path, attr, var, axis, "outgoing", label.ref, label.units.channels, fold))
+        self._touch(label.ref, op.path, op.layer)
+        for g in groups_of(label.ref, self.find):
+            self.consumers.setdefault(g, {}).setdefault(op.path, op.layer)
+
+    def state(self, op, label: Label, weights: dict, axis: int) -> None:
+        """Per-unit weights (``{name: variable}``), copied with the units along ``axis``.
+
+        A normaliser's ``beta`` takes the symmetry offsets when it is the last one on
+        the private chain of a producer (see ``_offset_target``).
+        """
+        target = any(t is op for t in self._offset_cache.values())
+        for name, w in weights.items():
+            kind = "bias" if (target and name == "beta") else "state"
+            self.uses.append(Use(op.layer, op.path, name, w, axis, kind, label.ref, label.units.channels))
+        self._touch(label.ref, op.path, op.layer)
+
+    def uniform(self, op, label: Label) -> None:
+        """``op`` normalises across the units: exact only when every unit gets the same number of copies."""
+        for g in groups_of(label.ref, self.find):
+            self.uniform_layers.setdefault(g, []).append((op.path, label.ref, label.units))
+        self._touch(label.ref, op.path, op.layer)
+
+    def config(self, obj, attr: str, ref, *, index: int | None = None) -> None:
+        """The config attribute ``obj.attr`` (or its entry ``index``) counts the units of ``ref``."""
+        self.configs.append((obj, attr, ref, index))
+
+    def check_activation(self, op, label: Label) -> None:
+        act = getattr(op.layer, "activation", None)
+        if act is not None and _act_name(act) not in ELEMENTWISE:
+            self.refuse(label, f"layer {op.path!r} applies activation {_act_name(act)!r} across its units; only "
+                               "elementwise activations keep the function when units are copied")
+
+    def merge(self, op, labels, what: str | None = None):
+        """An elementwise combination (``Add``, ``x * s``, ...): every input's units share one plan.
+
+        An input without split units is fine when it broadcasts along the unit axis (length 1
+        there); a variable argument with the unit axis's length is per-unit state.
+        """
+        lab = next(lb for lb in labels if lb is not None)
+        out_rank = len(self.out_shape(op))
+        u = lab.units
+        if what is not None:
+            return self.refuse(labels, f"layer {op.path!r} ({type(op.layer).__name__}) {what}")
+        n = self.in_shape(op, labels.index(lab))[u.axis]
+        for i, lb in enumerate(labels):
+            if lb is None and self._along(self.in_shape(op, i), u) not in (1, None):
+                return self.refuse(labels, f"layer {op.path!r} ({type(op.layer).__name__}) combines split units with "
+                                           "a tensor that no widenable layer produces (a model input or an "
+                                           "unsupported layer)")
+        for name, value in self._constants(op):
+            along = self._along(tuple(getattr(value, "shape", ())), u)
+            if along in (1, None):
+                continue
+            if along != n or not hasattr(value, "path") or len(value.shape) == 0:
+                return self.refuse(labels, f"{op.path!r} combines split units with a constant {name!r} of shape "
+                                           f"{tuple(value.shape)}")
+            self.state(op, lab, {name: value}, len(value.shape) - (u.rank - u.axis))
+        others = [lb for lb in labels if lb is not None and lb is not lab]
+        for lb in others:
+            if not (isinstance(lb.ref, GroupRef) and isinstance(lab.ref, GroupRef)):
+                return self.refuse(labels, f"layer {op.path!r} combines a concatenation of units with another stream")
+            if (lb.units.rank - lb.units.axis, lb.units.positions, lb.units.channels, lb.ref.expand) != (
+                    u.rank - u.axis, u.positions, u.channels, lab.ref.expand):
+                return self.refuse(labels, f"layer {op.path!r} combines tensors whose units sit on different axes")
+        for lb in others:
+            self._union(lab.ref.gid, lb.ref.gid)
+        ref = GroupRef(self.find(lab.ref.gid), lab.ref.width, lab.ref.expand) if others else lab.ref
+        self._touch(ref, op.path, op.layer)
+        return Label(ref, dataclasses.replace(u, axis=u.axis + out_rank - u.rank, rank=out_rank))
+
+    @staticmethod
+    def _along(shape, u: Units):
+        """The length of a broadcast operand along the unit axis (None: it has no such axis)."""
+        k = u.rank - u.axis
+        return None if len(shape) < k else shape[len(shape) - k]
+
+    @staticmethod
+    def _constants(op):
+        """``(name, value)`` of the array arguments of a ``keras.ops`` call that are not graph tensors."""
+        if op.node is None:
+            return []
+        from keras import KerasTensor
+
+        out = []
+        values = list(op.node.arguments.args) + list(op.node.arguments.kwargs.values())
+        for i, v in enumerate(values):
+            if not isinstance(v, KerasTensor) and hasattr(v, "shape") and hasattr(v, "dtype"):
+                out.append((getattr(v, "name", f"argument {i}"), v))
+        return out
+
+    def regroup(self, label: Label, n: int) -> bool:
+        """Read a producer's ``width`` units as ``width // n`` positions of ``n`` units (a Dense reshaped to
+        ``(H, W, n)`` grows by channels). Only for a group of one producer whose units no concatenation holds."""
+        ref = label.ref
+        if not isinstance(ref, GroupRef) or ref.expand != 1 or label.units.channels != "last":
+            return False
+        g = self.find(ref.gid)
+        if any(self.find(m) == g and m != g for m in self.group_width) or len(self.producers.get(g, [])) != 1:
+            return False
+        if any(isinstance(lb.ref, ConcatRef) and g in groups_of(lb.ref, self.find) for lb in self.labels.values()):
+            return False
+        factor = ref.width // n
+        new = GroupRef(g, n)
+        self.group_width[g] = n
+        for lb in {id(x): x for x in [*self.labels.values(), label]}.values():
+            if lb.ref == ref:
+                lb.ref = new
+                lb.units = dataclasses.replace(lb.units, positions=lb.units.positions * factor)
+        for use in self.uses:
+            if use.ref == ref:
+                use.ref = new
+        self.configs = [(o, a, new if r == ref else r, i) for o, a, r, i in self.configs]
+        return True
+
+    def unitwise(self, layer) -> bool:
+        """Whether each output unit of ``layer`` is a function of the same input unit only."""
+        rule = rule_for(layer)
+        return rule is not None and rule.unitwise
 
     def _offset_target(self, op):
         """The last normaliser with a beta on the producer's private chain, if any (see widen docs)."""
-        cache = getattr(self, "_offset_cache", None)
-        if cache is None:
-            cache = self._offset_cache = {}
-        if id(op) in cache:
-            return cache[id(op)]
+        if id(op) in self._offset_cache:
+            return self._offset_cache[id(op)]
         target = None
         key = self.canon(op.outputs[0])
-        consumers_of = self.consumers_of
-        while key not in {self.canon(k) for k in self.model_outputs}:
-            nxt = consumers_of.get(key, [])
+        outputs = {self.canon(k) for k in self.model_outputs}
+        while key not in outputs:
+            nxt = self.consumers_of.get(key, [])
             if len(nxt) != 1 or len(nxt[0].inputs) != 1 or len(nxt[0].outputs) != 1:
                 break
-            lay = nxt[0].layer
-            if _is(lay, "bn") or _is(lay, "ln") or _is(lay, "gn"):
-                if getattr(lay, "center", False):
-                    target = nxt[0]
-            elif not (_is(lay, "act") or _is(lay, "act_ew") or _is(lay, "noop") or _is(lay, "spatial_drop")
-                      or _is(lay, "prelu") or _is(lay, "spatial")):
+            rule = rule_for(nxt[0].layer)
+            if rule is None or not (rule.unitwise or rule.normalizer or rule.channelwise):
                 break
+            if rule.normalizer and getattr(nxt[0].layer, "center", False):
+                target = nxt[0]
             key = self.canon(nxt[0].outputs[0])
-        cache[id(op)] = target
+        self._offset_cache[id(op)] = target
         return target
-
-    def _is_offset_target(self, op) -> bool:
-        return any(t is op for t in getattr(self, "_offset_cache", {}).values())
-
-    def _consume(self, op, label):
-        layer, path = op.layer, op.path
-        u = label.units
-        kernel = layer._kernel if hasattr(layer, "_kernel") else layer.kernel
-        rank = u.rank
-        if _is(layer, "dense"):
-            if u.axis != rank - 1:
-                self._refuse(label.ref, f"layer {path!r} (Dense) reads axis {rank - 1}, but the units sit on axis {u.axis}")
-                return
-            self.uses.append(Use(layer, path, "kernel", kernel, 0, "outgoing", label.ref, u.channels))
-        else:
-            if u.axis != self.channel_axis(layer, rank) or u.positions != 1:
-                self._refuse(label.ref, f"layer {path!r} ({type(layer).__name__}) reads channels on another axis")
-                return
-            if getattr(layer, "groups", 1) != 1:
-                self._refuse(label.ref, f"layer {path!r} is a grouped convolution (groups={layer.groups})")
-                return
-            self.uses.append(Use(layer, path, "kernel", kernel, kernel.ndim - 2, "outgoing", label.ref))
-        self._touch(label.ref, path, layer)
-        for g in groups_of(label.ref, self.find):
-            self.consumers.setdefault(g, {}).setdefault(path, layer)
-
-    def _state(self, op, label, layer, weights, param_axis, channels="last"):
-        """Per-unit weights: every weight of ``weights`` split along ``param_axis``."""
-        target = self._is_offset_target(op)
-        for name, w in weights.items():
-            kind = "bias" if (target and name == "beta") else "state"
-            self.uses.append(Use(layer, op.path, name, w, param_axis, kind, label.ref, channels))
-
-    def _through(self, op, in_labels, ins):
-        """Label of the output of a non-producing layer whose input carries split units."""
-        layer, path = op.layer, op.path
-        lab = next(lab for lab in in_labels if lab is not None)
-        u = lab.units
-        ref = lab.ref
-        name = type(layer).__name__
-        self._touch(ref, path, layer)
-        rank_in = u.rank
-
-        def refuse(why):
-            for lb in in_labels:
-                if lb is not None:
-                    self._refuse(lb.ref, f"layer {path!r} ({name}) {why}")
-            return None
-
-        if _is(layer, "merge") or (_is(layer, "concat") and self._norm_axis(layer.axis, rank_in) != u.axis):
-            if any(lb is None for lb in in_labels):
-                return refuse("combines split units with a tensor that no widenable layer produces "
-                              "(a model input or an unsupported layer)")
-            if any(not isinstance(lb.ref, GroupRef) for lb in in_labels):
-                return refuse("combines a concatenation of units with another stream")
-            first = in_labels[0]
-            for lb in in_labels[1:]:
-                if lb.units != first.units or lb.ref.expand != first.ref.expand:
-                    return refuse("combines tensors whose units sit on different axes")
-                self._union(first.ref.gid, lb.ref.gid)
-            return Label(GroupRef(self.find(first.ref.gid), first.ref.width, first.ref.expand), first.units)
-        if _is(layer, "concat"):
-            if any(lb is not None and lb.units.positions != 1 for lb in in_labels):
-                return refuse("concatenates flattened tensors")
-            parts = []
-            for k, lb in zip(ins, in_labels, strict=False):
-                width = int(self._shape(k)[u.axis])
-                parts.append((None if lb is None else lb.ref, width))
-            return Label(ConcatRef(tuple(parts)), u)
-        if len(op.inputs) != 1:
-            return refuse("is not supported on the path of split units")
-        if _is(layer, "act"):
-            act = _act_name(layer.activation)
-            if act not in _ELEMENTWISE:
-                return refuse(f"applies activation {act!r} across units")
-            return lab
-        if _is(layer, "act_ew") or _is(layer, "noop"):
-            return lab
-        if _is(layer, "softmax"):
-            axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-            if u.axis in [self._norm_axis(a, rank_in) for a in axes]:
-                return refuse("normalises across the split units")
-            return lab
-        if _is(layer, "spatial_drop") or _is(layer, "spatial"):
-            if u.positions != 1 or u.axis != self.channel_axis(layer, rank_in):
-                return refuse("works on the axis that holds the split units")
-            return lab
-        if _is(layer, "global"):
-            if u.positions != 1 or u.axis != self.channel_axis(layer, rank_in):
-                return refuse("pools over the axis that holds the split units")
-            if getattr(layer, "keepdims", False):
-                return lab
-            return Label(ref, Units(1, 2))
-        if _is(layer, "bn"):
-            if self._norm_axis(layer.axis, rank_in) != u.axis:
-                return refuse("normalises across the split units")
-            self._state(op, lab, layer, self._weights(layer), 0, u.channels)
-            return lab
-        if _is(layer, "ln"):
-            axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-            axes = sorted(self._norm_axis(a, rank_in) for a in axes)
-            if u.axis in axes:
-                self.uniform_add(ref, path, u)
-                pos = axes.index(u.axis)
-                self._state(op, lab, layer, self._weights(layer), pos, u.channels)
-            return lab
-        if _is(layer, "gn"):
-            if self._norm_axis(layer.axis, rank_in) != u.axis or u.positions != 1:
-                return refuse("normalises over an axis other than the split units")
-            if layer.groups == 1:
-                self.uniform_add(ref, path, u)
-            elif layer.groups != self._shape(ins[0])[u.axis]:
-                return refuse(f"has {layer.groups} groups; only groups=1 (with uniform copies) or one group per "
-                              "unit keep the function when units are copied")
-            else:
-                self.width_attrs.append((layer, "groups", ref))
-            self._state(op, lab, layer, self._weights(layer), 0)
-            return lab
-        if _is(layer, "prelu"):
-            alpha = layer.alpha
-            pa = u.axis - 1
-            if alpha.shape[pa] != 1:
-                self._state(op, lab, layer, {"alpha": alpha}, pa, u.channels)
-            return lab
-        if _is(layer, "depthwise"):
-            if u.positions != 1 or u.axis != self.channel_axis(layer, rank_in):
-                return refuse("reads channels on another axis")
-            if not isinstance(ref, GroupRef):
-                return refuse("follows a concatenation (not supported)")
-            mult = int(layer.depth_multiplier)
-            self.uses.append(Use(layer, path, "kernel", layer.kernel, layer.kernel.ndim - 2, "state", ref))
-            out_ref = GroupRef(ref.gid, ref.width, ref.expand * mult)
-            if layer.bias is not None:
-                self.uses.append(Use(layer, path, "bias", layer.bias, 0, "state", out_ref))
-            act = _act_name(getattr(layer, "activation", None))
-            if act not in _ELEMENTWISE:
-                return refuse(f"applies activation {act!r} across units")
-            return Label(out_ref, u)
-        if _is(layer, "flatten") or _is(layer, "reshape"):
-            shape = self._shape(ins[0])
-            out_shape = self._shape(op.outputs[0])
-            rank = len(shape)
-            if u.positions != 1:
-                return refuse("reshapes an already flattened tensor")
-            if _is(layer, "reshape") and len(out_shape) > 2:
-                if u.axis == rank - 1 and out_shape[-1] == shape[-1]:
-                    return Label(ref, Units(len(out_shape) - 1, len(out_shape)))
-                return refuse("reshapes the axis that holds the split units")
-            if rank == 2:
-                return Label(ref, Units(1, 2))
-            order = list(range(1, rank))
-            if _is(layer, "flatten") and getattr(layer, "data_format", "channels_last") == "channels_first":
-                order = order[1:] + order[:1]
-            pos = math.prod(int(shape[a]) for a in order if a != u.axis)
-            if order[-1] == u.axis:
-                return Label(ref, Units(1, 2, pos, "last"))
-            if order[0] == u.axis:
-                return Label(ref, Units(1, 2, pos, "first"))
-            return refuse("flattens units that sit between other axes")
-        return refuse("is not supported on the path of split units: fastsplit cannot prove that copying units "
-                      "keeps its function")
-
-    def uniform_add(self, ref, path, units):
-        for g in groups_of(ref, self.find):
-            self.uniform.setdefault(g, []).append((path, ref, units))
-
-    @staticmethod
-    def _norm_axis(a, rank):
-        return a % rank
 
     # -- public view -----------------------------------------------------------------------------------
 
@@ -697,10 +517,10 @@ class Graph:
                 layers.update(self.touched.get(g, {}))
                 consumers.update(self.consumers.get(g, {}))
                 refused += self.refusals.get(g, [])
-                uniform += [p for p, _, _ in self.uniform.get(g, [])]
+                uniform += [p for p, _, _ in self.uniform_layers.get(g, [])]
             out.append(CoupledGroup(
                 producers=producers,
-                width=self.group_width[members[0]],
+                width=self.group_width[root],
                 layers=list(layers),
                 consumers=list(consumers),
                 refused=list(dict.fromkeys(refused)),
@@ -712,9 +532,10 @@ class Graph:
 
 def check_plan(plan, width: int, name: str) -> None:
     if not isinstance(plan, SplitPlan):
-        raise ValueError(f"the plan for {name!r} must be a SplitPlan, neuron indices or None, got {type(plan).__name__}")
+        raise GrowthError(
+            f"the plan for {name!r} must be a SplitPlan, neuron indices or None, got {type(plan).__name__}")
     if plan.width != width:
-        raise ValueError(f"the plan for {name!r} has width {plan.width}, but the layer has {width} units")
+        raise GrowthError(f"the plan for {name!r} has width {plan.width}, but the layer has {width} units")
 
 
-__all__ = ["CoupledGroup", "Graph", "SplitError", "check_plan"]
+__all__ = ["Graph", "check_plan"]

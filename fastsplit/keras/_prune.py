@@ -46,13 +46,16 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import _dispatch, interop
+from .._core import aligned_empty
 from .._errors import SplitError
 from ..compact import CompactPlan, _bf16_bits_to_f32, _f32_to_bf16_bits, compact_many, compact_plan
 from . import _vars
+from ._errors import GrowthError
 from ._event import GrowthEvent
-from ._graph import Graph, GroupRef, _is, evaluate
+from ._graph import Graph
 from ._stats import Reduction, model_inputs, probe, resolve_layers
-from ._widen import _aligned_empty, _apply, _backend_used, _collect, _sync_jax
+from ._surgery import Edit, apply, backend_used, collect, sync_jax
+from ._units import GroupRef, evaluate
 
 # -- plans on tensor axes -----------------------------------------------------------------------------------
 
@@ -79,27 +82,44 @@ def _unit_entries(ref, gid: int, find) -> tuple[np.ndarray | None, int]:
 
 @dataclasses.dataclass
 class _Fold:
-    """Add ``consts @ rows(kernel, entries)`` to a consumer's bias (conv: the kernel summed over its window)."""
+    """Add ``sign * consts @ rows(kernel, entries)`` to ``target``: the consumer's bias, or the moving mean
+    (``sign = -1``) of the BatchNormalization after a consumer without a bias. A kernel with a window
+    (Conv, ConvTranspose) is summed over it."""
 
-    layer: object
+    target: object
     path: str
     kernel: object
+    axis: int
     entries: np.ndarray
     consts: np.ndarray
-    conv: bool
+    sign: float = 1.0
 
 
 def _fold_delta(fold: _Fold, kernel_native) -> object:
-    """The bias change of one fold, on the array module of the kernel (float64 or float32)."""
+    """The change of the fold's target, on the array module of the kernel (float64 or float32)."""
     xp = _dispatch.array_module(kernel_native)
     k = kernel_native.array
     if kernel_native.bf16 and kernel_native.device[0] == "cuda":
         k = _bf16_bits_to_f32(xp, k)
     ct = np.float64 if k.dtype == np.float64 else np.float32
-    if fold.conv:  # (..., cin, cout): the window summed, then the removed input channels
-        k = k.astype(ct).reshape(-1, k.shape[-2], k.shape[-1]).sum(axis=0)
-    rows = k[xp.asarray(fold.entries)].astype(ct)
-    return xp.asarray(fold.consts.astype(ct)) @ rows
+    k = xp.moveaxis(k.astype(ct), fold.axis % k.ndim, 0)  # (inputs, window..., outputs)
+    k = k.reshape(k.shape[0], -1, k.shape[-1]).sum(axis=1)
+    rows = k[xp.asarray(fold.entries)]
+    return xp.asarray((fold.sign * fold.consts).astype(ct)) @ rows
+
+
+def _fold_target(graph: Graph, use, op) -> tuple:
+    """(variable, sign) that takes a consumer's folded constants: its bias, else the moving mean of the
+    BatchNormalization that alone reads its output (``BN(y + d)`` with mean ``m - d`` is ``BN(y)``)."""
+    if getattr(use.layer, "bias", None) is not None:
+        return use.layer.bias, 1.0
+    nxt = graph.consumers_of.get(graph.canon(op.outputs[0]), [])
+    if len(nxt) == 1 and type(nxt[0].layer).__name__ == "BatchNormalization":
+        bn = nxt[0].layer
+        rank = len(graph.shape(op.outputs[0]))
+        if bn.axis % rank == graph.channel_axis(use.layer, rank):
+            return bn.moving_mean, -1.0
+    return None, 0.0
 
 
 def _with_delta(native, delta):
@@ -111,7 +131,7 @@ def _with_delta(native, delta):
     s = (_bf16_bits_to_f32(xp, a) if raw else a.astype(ct)) + delta
     s = _f32_to_bf16_bits(xp, s).view(a.dtype) if raw else s.astype(a.dtype)
     if isinstance(s, np.ndarray):
-        out = _aligned_empty(s.shape, s.dtype)
+        out = aligned_empty(s.shape, s.dtype)
         out[...] = s
         return out
     return s
@@ -126,7 +146,7 @@ def _compact(model, graph: Graph, chosen: dict, folds: list, optimizer: str, bac
     """
     fold_of: dict = {}
     for f in folds:
-        fold_of.setdefault(id(f.layer.bias), []).append(f)
+        fold_of.setdefault(id(f.target), []).append(f)
 
     def add_folds(entries):
         natives = {id(e.source): e.native for e in entries if e.source is not None}
@@ -141,30 +161,30 @@ def _compact(model, graph: Graph, chosen: dict, folds: list, optimizer: str, bac
                 delta = d if delta is None else delta + d
             e.base = _with_delta(e.native, delta)
 
-    return _apply(model, graph, chosen, optimizer=optimizer, backend=backend, t0=t0, times=times,
-                  symmetry="none", neurons=lambda p: p.removed.tolist(), verb="compacted", name="the compaction",
-                  run=compact_many, extra=[f.layer.bias for f in folds], prepare=add_folds, kind=kind)
+    edit = Edit(kind, chosen, "none", neurons=lambda p: p.removed.tolist(), run=compact_many,
+                extra=[f.target for f in folds], prepare=add_folds)
+    return apply(model, graph, edit, optimizer=optimizer, backend=backend, t0=t0, times=times)
 
 
 def _empty_event(model, optimizer: str, backend: str, t0: float, kind: str) -> GrowthEvent:
     n = int(model.count_params())
     return GrowthEvent(params_before=n, params_after=n, symmetry="none", optimizer=optimizer, kind=kind,
-                       backend=_backend_used(backend), keras_backend=_vars.backend_name(),
+                       backend=backend_used(backend), keras_backend=_vars.backend_name(),
                        times={"total": time.perf_counter() - t0})
 
 
 def _check_common(model, optimizer):
     if optimizer not in ("carry", "reset"):
-        raise ValueError(f"optimizer must be 'carry' or 'reset', got {optimizer!r}")
+        raise GrowthError(f"optimizer must be 'carry' or 'reset', got {optimizer!r}")
     if not getattr(model, "built", False):
-        raise ValueError(f"model {model.name!r} is not built yet: build or fit it first")
+        raise GrowthError(f"model {model.name!r} is not built yet: build or fit it first")
 
 
 def _refuse(grp, path, what):
     if grp.refused:
-        raise ValueError(f"cannot {what} {path!r} (group {grp.producers}): " + "; ".join(grp.refused))
+        raise GrowthError(f"cannot {what} {path!r} (group {grp.producers}): " + "; ".join(grp.refused))
     if grp.uniform:
-        raise ValueError(
+        raise GrowthError(
             f"cannot {what} {path!r}: layer(s) {grp.uniform} normalise across its units, so removing or merging "
             "units changes the values of the others"
         )
@@ -176,7 +196,7 @@ def _refuse(grp, path, what):
 def _consumer_op(graph: Graph, layer):
     found = [op for op in graph.ops if op.layer is layer]
     if len(found) != 1:
-        raise ValueError(
+        raise GrowthError(
             f"layer {graph.layer_paths.get(id(layer), layer.name)!r} is called {len(found)} times; prune cannot fold "
             "constants into a shared layer (pass data=None to prune without folding)"
         )
@@ -185,7 +205,7 @@ def _consumer_op(graph: Graph, layer):
 
 def _folds(model, graph: Graph, chosen: dict, data, batch_size: int) -> list:
     """Measure, at each consumer's input, the removed units' values on ``data``; one _Fold per consumer."""
-    needs = []  # (use, plan, op, axis kept)
+    needs = []  # (use, plan, op, input key, unit axis of the input)
     for use in graph.uses:
         if use.kind != "outgoing":
             continue
@@ -193,22 +213,19 @@ def _folds(model, graph: Graph, chosen: dict, data, batch_size: int) -> list:
         if p is None or p.dropped.size == 0:
             continue
         op = _consumer_op(graph, use.layer)
-        key = graph.canon(op.inputs[0])
-        rank = len(graph.tensors[key].shape)
-        conv = not _is(use.layer, "dense")
-        axis = graph.channel_axis(use.layer, rank) if conv else rank - 1
-        needs.append((use, p, key, axis, conv))
+        key = next(graph.canon(k) for k in op.inputs if graph.canon(k) in graph.labels)
+        needs.append((use, p, op, key, graph.labels[key].units.axis))
     if not needs:
         return []
     xs = model_inputs(model, data)
     red = {}
-    for _, _, key, axis, _ in needs:
+    for _, _, _, key, axis in needs:
         red.setdefault(key, Reduction(axis))
     for batch in probe(graph, xs, list(red), batch_size):
         for key, arr in batch.items():
             red[key].add(arr)
     folds = []
-    for use, p, key, _axis, conv in needs:
+    for use, p, op, key, _axis in needs:
         r = red[key]
         n_axis = r.mean.shape[0]
         positions = n_axis // p.width
@@ -231,18 +248,22 @@ def _folds(model, graph: Graph, chosen: dict, data, batch_size: int) -> list:
             )
         if not np.any(consts != 0):
             continue
-        if use.layer.bias is None:
-            raise ValueError(
-                f"layer {use.path!r} has no bias to take the constant value of the removed units "
-                f"(up to {np.abs(consts).max():.4g}); prune without data, or give the layer a bias"
+        target, sign = _fold_target(graph, use, op) if use.fold else (None, 0.0)
+        if target is None:
+            raise GrowthError(
+                f"layer {use.path!r} has no bias (nor a BatchNormalization after it) to take the constant value of "
+                f"the removed units (up to {np.abs(consts).max():.4g}); prune without data, or give the layer a bias"
             )
-        if conv and getattr(use.layer, "padding", "valid") != "valid":
+        window = len(use.var.shape) > 2
+        transposed = window and use.axis % len(use.var.shape) == len(use.var.shape) - 1
+        if transposed or (window and getattr(use.layer, "padding", "valid") != "valid"):
             warnings.warn(
-                f"prune is not exact at the borders: {use.path!r} pads its input with zeros (padding="
-                f"{use.layer.padding!r}), where the removed units had a nonzero constant value",
+                f"prune is not exact at the borders: {use.path!r} pads its input with zeros or overlaps its "
+                f"windows (padding={use.layer.padding!r}), where the removed units had a nonzero constant value",
                 RuntimeWarning, stacklevel=3,
             )
-        folds.append(_Fold(use.layer, use.path, use.var, entries.astype(np.int64), consts.astype(np.float64), conv))
+        folds.append(_Fold(target, use.path, use.var, use.axis, entries.astype(np.int64),
+                           consts.astype(np.float64), sign))
     return folds
 
 
@@ -287,22 +308,22 @@ def prune(model, units, *, data=None, optimizer: str = "carry", backend: str = "
     t0 = time.perf_counter()
     _check_common(model, optimizer)
     if not isinstance(units, Mapping):
-        raise ValueError(f"units must map layer names to unit indices, got {type(units).__name__}")
-    _sync_jax(model)
+        raise GrowthError(f"units must map layer names to unit indices, got {type(units).__name__}")
+    sync_jax(model)
     graph = Graph(model)
     groups = graph.groups()
 
     def make(spec, grp, path):
         if isinstance(spec, CompactPlan):
             if spec.width != grp.width:
-                raise ValueError(f"the plan for {path!r} has width {spec.width}, but the layer has {grp.width} units")
+                raise GrowthError(f"the plan for {path!r} has width {spec.width}, but the layer has {grp.width} units")
             return spec
         try:
             return compact_plan(grp.width, remove=spec)
         except SplitError as exc:
             raise SplitError(f"cannot prune {path!r}: {exc}") from None
 
-    chosen, named = _collect(graph, groups, units, make, "different units to prune; give them once for the group")
+    chosen, named = collect(graph, groups, units, make, "different units to prune; give them once for the group")
     by_root = {g.gid: g for g in groups}
     chosen = {g: p for g, p in chosen.items() if not p.is_identity}
     for g in chosen:
@@ -410,8 +431,8 @@ def merge_twins(model, *, atol: float = 0.0, layers=None, optimizer: str = "carr
     _check_common(model, optimizer)
     atol = float(atol)
     if not np.isfinite(atol) or atol < 0:
-        raise ValueError(f"atol must be a non-negative number, got atol={atol!r}")
-    _sync_jax(model)
+        raise GrowthError(f"atol must be a non-negative number, got atol={atol!r}")
+    sync_jax(model)
     graph = Graph(model)
     groups = graph.groups()
     if layers is not None:

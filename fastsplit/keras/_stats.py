@@ -18,10 +18,9 @@ import operator
 
 import numpy as np
 
-from ._graph import Graph, _is
+from ._graph import Graph
 
 #: layers that map each unit's value on its own, so a unit's state is final only after them
-_PER_UNIT = ("act", "act_ew", "noop", "spatial_drop", "bn", "prelu")
 
 
 @dataclasses.dataclass
@@ -218,7 +217,7 @@ def measure_point(graph: Graph, op) -> tuple:
         if len(nxt) != 1 or len(nxt[0].inputs) != 1 or len(nxt[0].outputs) != 1:
             break
         lay = nxt[0].layer
-        if not any(_is(lay, kind) for kind in _PER_UNIT):
+        if not graph.unitwise(lay):
             break
         nkey = graph.canon(nxt[0].outputs[0])
         lab = graph.labels.get(nkey)
@@ -287,9 +286,9 @@ def unit_stats(model, data, layers=None, *, batch_size: int = 256) -> dict:
     measured tensors depend on (layer by layer, not compiled), with
     O(units) running reductions per measured tensor on the host.
     """
-    from ._widen import _sync_jax
+    from ._surgery import sync_jax
 
-    _sync_jax(model)
+    sync_jax(model)
     graph = Graph(model)
     paths = resolve_layers(graph, layers)
     xs = model_inputs(model, data)

@@ -1,0 +1,534 @@
+"""One surgery pipeline for every edit of a live model: split (``widen``), prune, merge.
+
+An :class:`Edit` says what to do to each coupled group (a plan per group, the
+kernel call that applies the plans, the variables to rewrite in place);
+:func:`apply` carries it out in phases. Nothing in the model changes before
+the ``swap`` phase, and the swap only writes Python attributes, each recorded
+so that a failure anywhere puts every one of them back:
+
+1. plan: the jobs (every variable and optimizer slot that the plans touch);
+2. export: every tensor leaves its framework through DLPack (no copy);
+3. kernel: one ``run`` call (``fastsplit.split_many`` or ``compact_many``)
+   writes the new arrays, two-axis kernels included;
+4. import: the new arrays enter the framework through DLPack (no copy);
+5. variables: new backend variables are made from them;
+6. swap: the Keras variables get the new values, layers their new widths
+   and configs, symbolic tensors, input specs and build shapes their new
+   shapes, the optimizer its new keys;
+7. retrace: cached train/test/predict functions are rebuilt so the next
+   step traces with the new shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from .. import _core, interop
+from .._core import aligned_empty
+from .._errors import SplitError
+from . import _history, _optim, _vars
+from ._errors import GrowthError
+from ._event import GrowthEvent, LayerGrowth
+from ._graph import Graph
+from ._units import evaluate, new_length, same_plan
+
+#: a Use's kind -> the core role of a producing-side tensor
+_PRODUCING = {"incoming": "incoming", "bias": "bias", "state": "copy"}
+#: how messages name each kind of edit
+_VERBS = {"split": ("split", "widen"), "prune": ("compacted", "the compaction"), "merge": ("compacted", "the merge")}
+
+
+@dataclasses.dataclass
+class Edit:
+    """What one event does: ``plans`` (root gid -> SplitPlan or CompactPlan) applied by ``run``.
+
+    Attributes:
+        kind: ``"split"``, ``"prune"`` or ``"merge"`` (the GrowthEvent's kind).
+        plans: the plan of each changed group.
+        symmetry: the event's symmetry breaking.
+        neurons: ``neurons(plan)``, the units each LayerGrowth lists.
+        run: ``run(jobs, backend=...)``, the kernel call (``fastsplit.split_many``
+            or ``fastsplit.compact.compact_many``).
+        extra: variables rewritten without changing their shape (prune: the
+            biases and BatchNormalization means that take folded constants).
+        prepare: ``prepare(entries)`` after the export; may set ``entry.base``,
+            the array an entry's jobs read instead of the variable's value.
+    """
+
+    kind: str
+    plans: dict
+    symmetry: str
+    neurons: Callable
+    run: Callable = None
+    extra: list = dataclasses.field(default_factory=list)
+    prepare: Callable | None = None
+
+
+@dataclasses.dataclass
+class Step:
+    axis: int
+    plan: object
+    kind: str  # incoming / bias / state / outgoing
+    channels: str
+
+    @property
+    def side(self) -> str:
+        return "consuming" if self.kind == "outgoing" else "producing"
+
+
+@dataclasses.dataclass
+class Entry:
+    """One tensor to make: ``target`` gets ``source``'s value changed by ``steps`` (or a fresh fill)."""
+
+    target: object
+    source: object
+    steps: list  # [(axis, plan, role, channels)]
+    fill: float | None = None
+    native: object = None
+    base: object = None  # the array the steps read when it is not ``native.array`` (prune: a folded bias)
+    new_shape: tuple = ()
+    value: object = None
+
+
+# -- naming groups --------------------------------------------------------------------------------------
+
+
+def lookup(graph: Graph, groups, name: str):
+    """(path, group) of the producing layer called ``name`` (its path or its plain name)."""
+    producers = {}
+    for grp in groups:
+        for path in grp.producers:
+            producers[path] = grp
+    if name in producers:
+        return name, producers[name]
+    matches = [p for p in producers if p.rsplit("/", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0], producers[matches[0]]
+    if len(matches) > 1:
+        raise GrowthError(f"layer name {name!r} is ambiguous in this model; use one of the paths {matches}")
+    splittable = sorted(p for p, g in producers.items() if not g.refused)
+    known = {lay.name for lay in graph.model._flatten_layers(include_self=False, recursive=True)}
+    if name in known:
+        raise GrowthError(
+            f"layer {name!r} produces no units that fastsplit can split; the layers that can be widened are "
+            f"{splittable}"
+        )
+    raise GrowthError(f"the model has no layer named {name!r}; the layers that can be widened are {splittable}")
+
+
+def collect(graph: Graph, groups, specs: Mapping, make, different: str) -> tuple[dict, dict]:
+    """``({root gid: plan}, {root gid: the path that named it})`` from ``{layer name: spec}``.
+
+    ``make(spec, group, path)`` gives the plan; two members of one group must get the same plan
+    (``different`` ends the message when they do not).
+    """
+    chosen: dict = {}
+    named: dict = {}
+    for name, spec in specs.items():
+        path, grp = lookup(graph, groups, name)
+        p = make(spec, grp, path)
+        if grp.gid in chosen and not same_plan(chosen[grp.gid], p):
+            raise GrowthError(
+                f"layers {named[grp.gid]!r} and {path!r} are coupled (one group: {grp.producers}) but got {different}"
+            )
+        chosen[grp.gid] = p
+        named[grp.gid] = path
+    return chosen, named
+
+
+def count_params(layer) -> int:
+    return int(sum(int(np.prod(w.shape)) for w in layer.weights))
+
+
+def sync_jax(model) -> None:
+    """Inside a JAX ``fit`` the live state is in ``model._jax_state``; put it back into the variables first."""
+    if getattr(model, "_jax_state", None) is not None and not getattr(model, "_jax_state_synced", True):
+        model.jax_state_sync()
+
+
+def reset_functions(model) -> None:
+    for kind in ("train", "test", "predict"):
+        if getattr(model, f"{kind}_function", None) is not None:
+            getattr(model, f"make_{kind}_function")(force=True)
+
+
+def backend_used(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    from .. import _dispatch
+
+    return "numba" if _dispatch._numba_ok() else "numpy"
+
+
+# -- the pipeline ---------------------------------------------------------------------------------------
+
+
+def _entries(graph: Graph, model, edit: Edit, optimizer: str) -> tuple[list, str]:
+    """Phase 1: every variable and slot to rewrite, with its steps; and the optimizer mode."""
+    verb = _VERBS[edit.kind][0]
+    steps: dict = {}
+    owners: dict = {}
+    for use in graph.uses:
+        p = evaluate(use.ref, edit.plans, graph.find)
+        if p is None:
+            continue
+        var = use.var
+        axis = use.axis % len(var.shape)
+        lst = steps.setdefault(id(var), [])
+        owners[id(var)] = var
+        clash = [s for s in lst if s.axis == axis]
+        if clash:
+            if clash[0].kind == use.kind and same_plan(clash[0].plan, p):
+                continue
+            raise GrowthError(f"{use.path}/{use.attr} would be {verb} twice on axis {axis} with different plans")
+        lst.append(Step(axis, p, use.kind, use.channels))
+    for lst in steps.values():
+        lst.sort(key=lambda s: s.side == "consuming")  # producing axis first (noise sees the original columns)
+    for var in edit.extra:
+        owners.setdefault(id(var), var)
+
+    opt = getattr(model, "optimizer", None)
+    slots, unknown = _optim.slot_map(opt, optimizer)
+    opt_mode = optimizer if unknown is None else f"reset:{unknown}"
+    entries: list[Entry] = []
+    for key, var in owners.items():
+        lst = steps.get(key, [])
+        roles = [(s.axis, s.plan, "outgoing" if s.kind == "outgoing" else _PRODUCING[s.kind], s.channels) for s in lst]
+        entries.append(Entry(var, var, roles))
+        if not lst:
+            continue  # an extra variable keeps its shape, and its slots
+        for slot, slot_kind in slots.get(key, []):
+            if tuple(slot.shape) != tuple(var.shape):
+                if len(slot.shape) == 0:
+                    continue
+                raise GrowthError(
+                    f"optimizer slot {slot.path} has shape {tuple(slot.shape)}, not that of {var.path} "
+                    f"{tuple(var.shape)}: fastsplit cannot carry it; use optimizer='reset' or a supported optimizer"
+                )
+            if slot_kind == "reset":
+                fill = _optim.reset_value(_optim.owner_of(opt, slot), slot)
+                entries.append(Entry(slot, None, roles, fill=fill))
+            else:
+                sroles = [(a, p, _optim.ROLE[(slot_kind, s.side)], ch)
+                          for (a, p, _r, ch), s in zip(roles, lst, strict=True)]
+                entries.append(Entry(slot, slot, sroles))
+    if unknown is not None and entries and optimizer == "carry":
+        _optim.warn_unknown(unknown)
+    for e in entries:
+        shape = list(e.target.shape)
+        for axis, p, _role, _ch in e.steps:
+            shape[axis] = new_length(shape[axis], p)
+        e.new_shape = tuple(int(s) for s in shape)
+    return entries, opt_mode
+
+
+def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: float,
+          times: dict | None = None) -> GrowthEvent:
+    """Carry out ``edit`` on ``model`` in place (phases 1 to 7); returns the recorded GrowthEvent.
+
+    Raises GrowthError (or SplitError from the kernel) with the model, its optimizer and its
+    history exactly as before.
+    """
+    times = {} if times is None else times
+    name = _VERBS[edit.kind][1]
+    entries, opt_mode = _entries(graph, model, edit, optimizer)
+    times["plan"] = time.perf_counter() - t0
+
+    # -- export, kernel, import, variables (nothing in the model changes) -----------------------------
+    t = time.perf_counter()
+    for e in entries:
+        if e.source is not None:
+            e.native = interop.export(_vars.value_of(e.source))
+    if edit.prepare is not None:
+        edit.prepare(entries)
+    times["export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    split = [e for e in entries if e.source is not None and e.steps]
+    try:
+        calls = run_kernels(split, backend, run=edit.run)
+    except SplitError as exc:
+        raise SplitError(f"{name} failed before changing the model: {exc}") from exc
+    for e in entries:
+        if e.source is not None and not e.steps:
+            e.value = e.native.array if e.base is None else e.base  # an extra variable that keeps its shape
+    times["kernel"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for e in entries:
+        if e.source is not None:
+            e.value = interop.import_(e.value, e.native)
+            e.native = e.base = None
+        else:
+            e.value = _vars.full(e.target, e.new_shape, e.target.dtype, e.fill)
+    times["import"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prepared = [(e.target, _vars.prepare(e.target, e.value)) for e in entries]
+    for e in entries:
+        e.value = None
+    times["variables"] = time.perf_counter() - t
+
+    # -- swap --------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    opt = getattr(model, "optimizer", None)
+    params_before = int(model.count_params())
+    members = {g: [(p, lay) for gg in graph.producers for p, lay in graph.producers[gg] if graph.find(gg) == g]
+               for g in edit.plans}
+    layer_before = {p: count_params(lay) for g in edit.plans for p, lay in members[g]}
+    old_keys = {}
+    for o in _optim.unwrap(opt):
+        for v in getattr(o, "_trainable_variables", []) or []:
+            old_keys[id(v)] = o._var_key(v)
+    undo_vars, undo_attrs = [], []
+
+    def setattr_undo(obj, attr, value):
+        undo_attrs.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    try:
+        for var, value in prepared:
+            undo_vars.append(_vars.install(var, value))
+        update_graph(graph, edit.plans, setattr_undo)
+        _optim.rekey(opt, old_keys)
+        _vars.retrack(model)
+    except BaseException:
+        for obj, attr, value in reversed(undo_attrs):
+            setattr(obj, attr, value)
+        for u in reversed(undo_vars):
+            _vars.restore(u)
+        try:
+            _optim.rekey(opt, {})
+            _vars.retrack(model)
+        finally:
+            raise
+    prepared = None
+    times["swap"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    reset_functions(model)
+    times["retrace"] = time.perf_counter() - t
+
+    # -- the event ---------------------------------------------------------------------------------
+    event = GrowthEvent(
+        params_before=params_before,
+        params_after=int(model.count_params()),
+        symmetry=edit.symmetry,
+        optimizer=opt_mode,
+        iteration=None if opt is None or not getattr(opt, "built", False) else int(np.asarray(opt.iterations)),
+        backend=backend_used(backend),
+        keras_backend=_vars.backend_name(),
+        tensors=len(entries),
+        bytes_new=int(sum(int(np.prod(e.new_shape)) * _itemsize(e.target) for e in entries)),
+        split_calls=calls,
+        kind=edit.kind,
+    )
+    for i, (g, p) in enumerate(sorted(edit.plans.items())):
+        units = edit.neurons(p)
+        for path, layer in members[g]:
+            event.layers[path] = LayerGrowth(path, p.width, p.new_width, units, layer_before.get(path, 0),
+                                             count_params(layer), i)
+    times["total"] = time.perf_counter() - t0
+    event.times = times
+    _history.record(model, event)
+    return event
+
+
+def _itemsize(var) -> int:
+    name = str(var.dtype)
+    return 2 if name == "bfloat16" else np.dtype(name).itemsize
+
+
+def _out(arr, steps):
+    """A preallocated, 64-byte aligned result for a CPU job (None on the GPU: CuPy allocates aligned)."""
+    if not isinstance(arr, np.ndarray):
+        return None
+    shape = list(arr.shape)
+    for axis, p, _role, _ch in steps:
+        shape[axis] = new_length(shape[axis], p)
+    return aligned_empty(tuple(shape), arr.dtype)
+
+
+#: kernels split on both axes need an intermediate array; they go through the second pass in
+#: chunks whose intermediates stay under this fraction of the event's new bytes, or under
+#: TEMP_MIN_BYTES when that is larger (at least one tensor per chunk)
+TEMP_FRACTION = 0.1
+TEMP_MIN_BYTES = 64 << 20
+
+
+def run_kernels(split: list, backend: str, run=None) -> int:
+    """Write every entry's new array into ``entry.value``; returns the number of ``run`` calls.
+
+    Each entry's steps read ``entry.base`` when it is set, else ``entry.native.array``. ``run`` makes the
+    new arrays from a list of jobs: ``fastsplit.split_many`` when None (looked up at each call),
+    ``fastsplit.compact.compact_many`` for prune.
+
+    Tensors split on one axis (almost all) go in the first call. A kernel split on both axes (a
+    layer that consumes one group and produces another) needs two gathers; those run in chunks
+    (first axis, then second) so that few intermediates are alive at once.
+    """
+    if run is None:
+        run = _core.split_many
+    one = [e for e in split if len(e.steps) == 1]
+    two = [e for e in split if len(e.steps) == 2]
+
+    def source(e):
+        return e.native.array if e.base is None else e.base
+
+    def job(x, e, k):
+        axis, plan, role, channels = e.steps[k]
+        return _core.Job(x, plan, axis, role, channels, _out(x, e.steps[k:k + 1]))
+
+    def nbytes(e, k):
+        shape = list(e.native.array.shape)
+        for axis, p, _r, _c in e.steps[: k + 1]:
+            shape[axis] = new_length(shape[axis], p)
+        return int(np.prod(shape)) * e.native.array.dtype.itemsize
+
+    total = sum(nbytes(e, len(e.steps) - 1) for e in split)
+    budget = max(TEMP_FRACTION * total, TEMP_MIN_BYTES)
+    chunks, cur, size = [], [], 0
+    for e in two:
+        b = nbytes(e, 0)
+        if cur and size + b > budget:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += b
+    if cur or not chunks:
+        chunks.append(cur)
+    calls = 0
+    pending = one
+    for chunk in chunks:
+        jobs = [job(source(e), e, 0) for e in pending] + [job(source(e), e, 0) for e in chunk]
+        if not jobs:
+            continue
+        outs = run(jobs, backend=backend)
+        calls += 1
+        for e, arr in zip(pending, outs, strict=False):
+            e.value = arr
+        tmp = outs[len(pending):]
+        del outs
+        pending = []
+        if chunk:
+            outs2 = run([job(t, e, 1) for t, e in zip(tmp, chunk, strict=False)], backend=backend)
+            calls += 1
+            del tmp
+            for e, arr in zip(chunk, outs2, strict=False):
+                e.value = arr
+    return calls
+
+
+# -- the swap: widths, configs and shapes ------------------------------------------------------------------
+
+
+def update_graph(graph: Graph, plans: dict, setattr_undo) -> None:
+    """Layer widths and configs, symbolic tensor shapes, input specs and build shapes after the swap."""
+    find = graph.find
+    for obj, attr, ref, index in graph.configs:
+        p = evaluate(ref, plans, find)
+        if p is None:
+            continue
+        value = getattr(obj, attr)
+        if index is None:
+            setattr_undo(obj, attr, new_length(int(value), p))
+        elif value[index] not in (-1, None):
+            items = list(value)
+            items[index] = new_length(int(items[index]), p)
+            setattr_undo(obj, attr, type(value)(items))
+    new_shapes = {}
+    for key in dict.fromkeys(graph.shape_tensors):
+        lab = graph.labels[key]
+        p = evaluate(lab.ref, plans, find)
+        if p is None:
+            continue
+        shape = list(graph.tensors[key].shape)
+        shape[lab.units.axis] = new_length(shape[lab.units.axis], p)
+        new_shapes[key] = tuple(shape)
+    for key, info in graph.tensors.items():
+        c = graph.canon(key)
+        if c in new_shapes and info.kt is not None:
+            setattr_undo(info.kt, "_shape", new_shapes[c])
+            _fix_input_layer(info.kt, new_shapes[c], setattr_undo)
+
+    def shape_of(key, new):
+        c = graph.canon(key)
+        return new_shapes.get(c, graph.tensors[c].shape) if new else graph.tensors[c].shape
+
+    for layer, _node, keys in list(graph.layer_inputs) + list(graph.nested):
+        old = [tuple(shape_of(k, False)) for k in keys]
+        new = [tuple(shape_of(k, True)) for k in keys]
+        if old == new:
+            continue
+        _fix_input_spec(layer, old, new, setattr_undo)
+        _fix_build_shapes(layer, old, new, setattr_undo)
+
+
+def _fix_input_layer(kt, new_shape, setattr_undo):
+    hist = getattr(kt, "_keras_history", None)
+    op = getattr(hist, "operation", None) if hist is not None else None
+    if op is not None and type(op).__name__ == "InputLayer" and tuple(op._batch_shape) != tuple(new_shape):
+        setattr_undo(op, "_batch_shape", tuple(new_shape))
+
+
+def _fix_input_spec(layer, old, new, setattr_undo):
+    spec = getattr(layer, "input_spec", None)
+    if spec is None:
+        return
+    specs = spec if isinstance(spec, (list, tuple)) else [spec]
+    if len(specs) == len(old):
+        pairs = list(zip(specs, zip(old, new, strict=False), strict=False))
+    else:
+        pairs = [(s, (old[0], new[0])) for s in specs]
+    changed = False
+    new_specs = []
+    for s, (o, n) in pairs:
+        s2 = s
+        axes = getattr(s, "axes", None)
+        if axes:
+            rank = len(o)
+            fixed = {}
+            for a, v in axes.items():
+                i = a % rank
+                fixed[a] = n[i] if (v is not None and o[i] == v and o[i] != n[i]) else v
+            if fixed != axes:
+                s2 = copy.copy(s)
+                s2.axes = fixed
+                changed = True
+        if getattr(s, "shape", None) is not None and tuple(s.shape) == tuple(o):
+            s2 = copy.copy(s2) if s2 is s else s2
+            s2.shape = tuple(n)
+            changed = True
+        new_specs.append(s2)
+    if changed:
+        value = new_specs if isinstance(spec, (list, tuple)) else new_specs[0]
+        setattr_undo(layer, "input_spec", value)
+
+
+def _fix_build_shapes(layer, old, new, setattr_undo):
+    d = getattr(layer, "_build_shapes_dict", None)
+    if not d:
+        return
+    it = iter(range(len(old)))
+
+    def fix(v):
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, (list, tuple)) for x in v):
+            return type(v)(fix(x) for x in v)
+        if isinstance(v, (list, tuple)):
+            i = next(it, None)
+            if i is not None and tuple(v) == old[i]:
+                return type(v)(new[i])
+            return v
+        return v
+
+    fixed = {k: fix(v) for k, v in d.items()}
+    setattr_undo(layer, "_build_shapes_dict", fixed)
+
+
+__all__ = ["Edit", "Entry", "apply", "backend_used", "collect", "count_params", "lookup", "reset_functions",
+           "run_kernels", "sync_jax", "update_graph"]
