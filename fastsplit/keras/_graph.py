@@ -174,7 +174,7 @@ class Graph:
             outs = result if isinstance(result, (list, tuple)) else [result]
             if len(outs) != len(op.outputs) or not all(isinstance(t, KerasTensor) for t in outs):
                 raise GrowthError("its call returned something other than its output tensors")
-            nodes = self._recorded_nodes(outs, set(fresh))
+            nodes = self._recorded_nodes(outs, {id(t) for t in fresh.values()})
         finally:
             for lay, n_in, n_out in saved:
                 del lay._inbound_nodes[n_in:]
@@ -395,7 +395,7 @@ class Graph:
             self.refuse(label, f"layer {op.path!r} applies activation {_act_name(act)!r} across its units; only "
                                "elementwise activations keep the function when units are copied")
 
-    def merge(self, op, labels, what: str | None = None):
+    def merge(self, op, labels):
         """An elementwise combination (``Add``, ``x * s``, ...): every input's units share one plan.
 
         An input without split units is fine when it broadcasts along the unit axis (length 1
@@ -404,8 +404,6 @@ class Graph:
         lab = next(lb for lb in labels if lb is not None)
         out_rank = len(self.out_shape(op))
         u = lab.units
-        if what is not None:
-            return self.refuse(labels, f"layer {op.path!r} ({type(op.layer).__name__}) {what}")
         n = self.in_shape(op, labels.index(lab))[u.axis]
         for i, lb in enumerate(labels):
             if lb is None and self._along(self.in_shape(op, i), u) not in (1, None):

@@ -356,15 +356,14 @@ def _merge(walk, op, labels):
 
 
 def _concat_axis(op):
-    axis = getattr(op.layer, "axis", -1)
-    return axis
+    return getattr(op.layer, "axis", -1)
 
 
 def _concat(walk, op, labels):
     lab = next(lb for lb in labels if lb is not None)
     rank = lab.units.rank
     if int(_concat_axis(op)) % rank != lab.units.axis:
-        return walk.merge(op, labels, what="concatenates along another axis")
+        return walk.merge(op, labels)  # along time or space: the inputs' units line up, one plan for all
     if any(lb is not None and lb.units.positions != 1 for lb in labels):
         return walk.refuse(labels, f"layer {op.path!r} concatenates flattened tensors")
     parts = []

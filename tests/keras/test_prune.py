@@ -10,7 +10,7 @@ from conftest import L, assert_same, compiled, data, keras, predict, rel_err, sn
 
 import fastsplit
 import fastsplit.keras as fk
-from fastsplit.keras import _vars, _widen
+from fastsplit.keras import _surgery, _vars
 from fastsplit.keras._prune import merge_twins, prune
 from fastsplit.keras._stats import dead_units, unit_stats
 
@@ -353,7 +353,7 @@ def _fail_on(monkeypatch, module, name, n):
 
 @pytest.mark.filterwarnings("ignore:prune is not exact")
 @pytest.mark.parametrize("what", ["prune", "merge"])
-@pytest.mark.parametrize("where", [(_vars, "prepare", 4), (_vars, "install", 6), (_widen, "_fix_build_shapes", 2),
+@pytest.mark.parametrize("where", [(_vars, "prepare", 4), (_vars, "install", 6), (_surgery, "_fix_build_shapes", 2),
                                    (_vars, "retrack", 1)])
 def test_atomic_on_failure(monkeypatch, what, where):
     model, x, y = compiled("cnn")

@@ -8,7 +8,7 @@ from conftest import BACKEND, L, assert_same, compiled, data, keras, predict, sn
 
 import fastsplit
 import fastsplit.keras as fk
-from fastsplit.keras import _vars, _widen
+from fastsplit.keras import _surgery, _vars
 
 
 class Scale(keras.layers.Layer):
@@ -75,7 +75,6 @@ def _bn_across():
 #: builder, input shape, plans, the text the error must contain
 CASES = {
     "lambda": (_lambda, (4, 3), {"a": None}, "lam"),
-    "custom": (_custom, (4, 3), {"a": None}, "scale"),
     "lstm": (_lstm, (4, 3), {"a": None}, "lstm"),
     "attention": (_attention, (4, 3), {"a": None}, "mha"),
     "softmax": (_softmax_producer, (3,), {"a": None}, "softmax"),
@@ -106,6 +105,15 @@ def test_refused_and_untouched(case):
     np.testing.assert_array_equal(out, predict(model, x))
     model.train_on_batch(x, y)
     assert fk.history(model) == []
+
+
+def test_custom_layer_is_traced():
+    """A user's layer with no rule is looked into: ``x * 2.0`` keeps copies equal, so the split is accepted."""
+    model = _custom()
+    x, _ = data((4, 3))
+    before = predict(model, x)
+    fk.widen(model, {"a": None}, symmetry="none")
+    np.testing.assert_allclose(predict(model, x), before, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_norm_uniform_is_accepted():
@@ -164,7 +172,7 @@ def _fail_on(monkeypatch, module, name, n):
     monkeypatch.setattr(module, name, wrapped)
 
 
-@pytest.mark.parametrize("where", [(_vars, "prepare", 5), (_vars, "install", 7), (_widen, "_fix_build_shapes", 2),
+@pytest.mark.parametrize("where", [(_vars, "prepare", 5), (_vars, "install", 7), (_surgery, "_fix_build_shapes", 2),
                                    (_vars, "retrack", 1)])
 def test_atomic_on_failure(monkeypatch, where):
     model, x, y = compiled("cnn")

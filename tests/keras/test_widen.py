@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import MODELS, L, compiled, data, keras, predict, rel_err
+from conftest import BACKEND, MODELS, L, compiled, data, keras, predict, rel_err
 
 import fastsplit
 import fastsplit.keras as fk
@@ -154,7 +154,9 @@ def test_nested_name_by_path_and_input_layer(tmp_path):
     np.testing.assert_allclose(predict(loaded, x), predict(model, x), rtol=0, atol=1e-6)
 
 
-def test_channels_first_and_conv1d_3d():
+def test_channels_first():
+    if BACKEND == "tensorflow":
+        pytest.skip("TensorFlow 2.21 with Keras 3.15 rejects NCHW Conv2D on the CPU (UnimplementedError), before any split")
     inp = keras.Input((2, 6, 6))
     h = L.Conv2D(3, 3, data_format="channels_first", name="c")(inp)
     h = L.BatchNormalization(axis=1)(h)
@@ -168,6 +170,8 @@ def test_channels_first_and_conv1d_3d():
     fk.widen(m, {"c": [0, 2], "c2": None}, symmetry="none")
     assert rel_err(before, predict(m, x)) <= TOL
 
+
+def test_conv1d_3d():
     inp = keras.Input((9, 2))
     h = L.Conv1D(3, 2, name="c")(inp)
     h = L.Cropping1D(1)(h)
@@ -224,7 +228,7 @@ def test_coupled_groups_residual():
 def test_two_axis_kernels_in_chunks(monkeypatch):
     """A kernel that consumes one split layer and produces another needs two gathers; with a tiny
     temporary budget each such tensor gets its own pair of calls, with the same result."""
-    from fastsplit.keras import _widen
+    from fastsplit.keras import _surgery
 
     keras.utils.set_random_seed(7)
     model, x, _ = compiled("mlp")
@@ -233,8 +237,8 @@ def test_two_axis_kernels_in_chunks(monkeypatch):
     assert event.split_calls == 2
     keras.utils.set_random_seed(7)
     model2, _, _ = compiled("mlp")
-    monkeypatch.setattr(_widen, "TEMP_FRACTION", 0.0)
-    monkeypatch.setattr(_widen, "TEMP_MIN_BYTES", 0)
+    monkeypatch.setattr(_surgery, "TEMP_FRACTION", 0.0)
+    monkeypatch.setattr(_surgery, "TEMP_MIN_BYTES", 0)
     event2 = fk.widen(model2, {"h1": [1, 4], "h2": None}, symmetry="none")
     assert event2.split_calls == 6  # h2 kernel, its m and v: a pair of calls each
     for a, b in zip(model.weights, model2.weights, strict=False):
