@@ -75,6 +75,7 @@ class Graph:
         self.layer_paths: dict = {}  # id(layer) -> path
         self.nested: list = []  # (nested model, None, outer input keys)
         self.opaque: dict = {}  # id(op) -> why its call could not be looked into
+        self.traced: list = []  # (layer, path) of the user's layers that were looked into
         self.missing_bias: list = []  # (gid, path): producers where a "nudge" offset has nowhere to go
         self._build(model, prefix="", outer_inputs=None, outer_outputs=None, top=True)
         self._parent = {}
@@ -185,6 +186,7 @@ class Graph:
         for outer, kt in zip(op.outputs, outs, strict=False):
             self._add_tensor(kt)
             self.alias[outer] = id(kt)
+        self.traced.append((layer, op.path))
         for n in nodes:
             self._add_node(n, op.path + "/")
 

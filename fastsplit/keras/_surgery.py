@@ -441,6 +441,7 @@ def update_graph(graph: Graph, plans: dict, setattr_undo) -> None:
             items = list(value)
             items[index] = new_length(int(items[index]), p)
             setattr_undo(obj, attr, type(value)(items))
+    _update_traced_configs(graph, plans, setattr_undo)
     new_shapes = {}
     for key in dict.fromkeys(graph.shape_tensors):
         lab = graph.labels[key]
@@ -467,6 +468,30 @@ def update_graph(graph: Graph, plans: dict, setattr_undo) -> None:
             continue
         _fix_input_spec(layer, old, new, setattr_undo)
         _fix_build_shapes(layer, old, new, setattr_undo)
+
+
+def _update_traced_configs(graph: Graph, plans: dict, setattr_undo) -> None:
+    """A user's layer that was looked into keeps its widths in its own config (``LayerScale(projection_dim)``,
+    ``Block(units)``): every integer config entry equal to the old length of an axis the edit changes
+    inside the layer, and held by the attribute of that name, takes the new length, so the layer saves
+    and loads at its new size. An entry whose old length maps to two new lengths is left alone."""
+    for layer, path in graph.traced:
+        changes: dict = {}
+        for use in graph.uses:
+            if use.path == path or use.path.startswith(path + "/"):
+                p = evaluate(use.ref, plans, graph.find)
+                if p is not None:
+                    changes.setdefault(use.length, set()).add(new_length(use.length, p))
+        if not changes:
+            continue
+        try:
+            config = layer.get_config()
+        except NotImplementedError:
+            continue
+        for key, value in config.items():
+            if (isinstance(value, int) and not isinstance(value, bool) and len(changes.get(value, ())) == 1
+                    and getattr(layer, key, None) == value):
+                setattr_undo(layer, key, next(iter(changes[value])))
 
 
 def _fix_input_layer(kt, new_shape, setattr_undo):

@@ -161,6 +161,10 @@ class Use:
     ref: Any
     channels: str = "last"
     fold: bool = False
+    length: int = dataclasses.field(init=False, default=0)  # the axis's length before the edit
+
+    def __post_init__(self):
+        self.length = int(self.var.shape[self.axis])
 
 
 @dataclasses.dataclass
