@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._core import column_runs
+from ..plan import column_runs
 
 #: descriptor fields, in the order of ``struct Desc`` in kernels/split.cu
 FIELDS = ("x", "out", "outer", "n", "m", "inner", "src", "run", "scale", "add", "noise", "key",
