@@ -929,6 +929,7 @@ def test_backend_glue_with_two_axis_tasks(host_kernel, monkeypatch):
     assert ["fastsplit_split2<fs::F32>"] in names and ["fastsplit_split<fs::F16>"] in names
 
 
+@pytest.mark.slow
 def test_kernel_source_compiles_with_nvcc(tmp_path):
     """nvcc (when installed) compiles kernels/split.cu as the CMake fatbin does, without spilling registers."""
     import shutil
