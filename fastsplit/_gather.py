@@ -16,6 +16,7 @@ data. This module imports :mod:`fastsplit.plan` and nothing above it; both
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import weakref
@@ -169,6 +170,14 @@ def _derived(plan) -> dict:
     return d
 
 
+def _gather_plan(plan):
+    """``plan.gather``, made once per plan (so the per-plan arrays of the gather are cached too)."""
+    d = _derived(plan)
+    if "gather" not in d:
+        d["gather"] = plan.gather
+    return d["gather"]
+
+
 def _scale(plan, power: int) -> np.ndarray:
     cache = _derived(plan)["scale"]
     if power not in cache:
@@ -237,10 +246,6 @@ class _Step:
     merging: bool  # a merge-group fix-up follows the gather (compact_many, a summing role)
 
     @property
-    def power(self) -> int:
-        return ROLES[self.role][0]
-
-    @property
     def draws_noise(self) -> bool:
         p = self.gather
         return ROLES[self.role][2] and p.symmetry == "noise" and p.sigma > 0 and bool(p.is_copy.any())
@@ -266,7 +271,7 @@ def _step(where: str, plan, axis, role, channels, shape: tuple, merge: bool, wha
     except SplitError as exc:
         raise SplitError(f"{where}{what}{exc}") from None
     merging = merge and bool(plan.merge)
-    gather = plan.gather if merging else plan
+    gather = _gather_plan(plan) if merging else plan
     merging = merging and (role in SUM_ROLES or role in ROOT_ROLES)
     if not merging and ROLES[role][0]:
         try:
@@ -356,24 +361,33 @@ def _out_native(job: Job, native, where: str, out_shape: tuple, dtype: str):
     return out_native
 
 
-def _check(job: Job, native, index: int, merge: bool):
+@dataclass
+class _Checked:
+    """What :func:`_check` found out about a job."""
+
+    shape: tuple
+    steps: list  # of _Step, in the order they apply
+    dtype: str
+    out_shape: tuple
+    out_native: Any
+
+
+def _check(job: Job, native, index: int, merge: bool) -> _Checked:
     """Everything about one job that can fail, before anything is allocated or written."""
     where = f"job {index}: " if index >= 0 else ""
-    arr = native.array
-    shape = tuple(int(s) for s in arr.shape)
+    shape = tuple(int(s) for s in native.array.shape)
     steps = _steps(job, shape, where, merge)  # plan, role, channels and axes first, as the messages expect
     dtype = _dtype_name(native)
     out_shape = list(shape)
     for s in steps:
         out_shape[s.axis] = s.positions * s.plan.new_width
     out_shape = tuple(out_shape)
-    out_native = _out_native(job, native, where, out_shape, dtype)
-    return where, shape, steps, dtype, out_shape, out_native
+    return _Checked(shape, steps, dtype, out_shape, _out_native(job, native, where, out_shape, dtype))
 
 
-def _prepare(job: Job, native, checked) -> _Prepared:
+def _prepare(job: Job, native, checked: _Checked) -> _Prepared:
     """Build one job's Task (output allocated) from what :func:`_check` found. Writes nothing."""
-    _, shape, steps, dtype, out_shape, out_native = checked
+    shape, steps, dtype, out_native = checked.shape, checked.steps, checked.dtype, checked.out_native
     arr = native.array
     xp = _dispatch.array_module(native)
     xc = xp.ascontiguousarray(arr)
@@ -401,14 +415,10 @@ def _prepare(job: Job, native, checked) -> _Prepared:
     fixup = None
     if any(s.merging for s in steps):
         if rows is None:
-            fixup = _bind(_merge_one, xp, x, out, steps[0], raw_bf16)
+            fixup = functools.partial(_merge_one, xp, x, out, steps[0], raw_bf16)
         else:
-            fixup = _bind(_merge_two, xp, x, out, steps, raw_bf16)
-    return _Prepared(task, native, out_native, out_shape, fixup)
-
-
-def _bind(fn, *args):
-    return lambda: fn(*args)
+            fixup = functools.partial(_merge_two, xp, x, out, steps, raw_bf16)
+    return _Prepared(task, native, out_native, checked.out_shape, fixup)
 
 
 # -- merge groups -------------------------------------------------------------------------------------------
@@ -567,7 +577,7 @@ def execute(jobs: Sequence[Job], *, backend: str = "auto", merge: bool = False) 
     device = devices.pop()
     checked = [_check(j, n, i if len(jobs) > 1 else -1, merge) for i, (j, n) in enumerate(zip(jobs, natives))]
     impl = _dispatch.resolve(backend, device)
-    two_pass = [_needs_two_passes(c[2]) for c in checked]
+    two_pass = [_needs_two_passes(c.steps) for c in checked]
     if any(two_pass):
         return _execute_in_two_passes(jobs, natives, checked, two_pass, backend)
     prepared = [_prepare(j, n, c) for j, n, c in zip(jobs, natives, checked)]
@@ -597,7 +607,7 @@ def _execute_in_two_passes(jobs, natives, checked, two_pass, backend) -> list:
     two = [k for k, t in enumerate(two_pass) if t]
     firsts, seconds = [], []
     for k in two:
-        first, second = checked[k][2]
+        first, second = checked[k].steps
         firsts.append(Job(jobs[k].x, first.plan, first.axis, first.role, first.channels))
         seconds.append(second)
     done = execute([jobs[k] for k in one] + firsts, backend=backend, merge=True)
