@@ -335,7 +335,9 @@ def compact_many(jobs: Sequence[Job], *, backend: str = "auto") -> list:
     exception: a two-axis job that merges on one axis and draws noise on the
     other (a ``symmetry="noise"`` :class:`~fastsplit.SplitPlan` in the role
     ``"incoming"``) runs as two passes, its first step in the batch's call
-    and its second in one more call, through an intermediate array.
+    and its second in one more call, through an intermediate array; when the
+    noise is the second step's, its scale is then measured on that
+    intermediate, as two ``compact`` calls would, not on ``x``.
 
     Args:
         jobs: :class:`fastsplit.Job` objects; ``out`` works as in ``split_many``.
