@@ -15,6 +15,14 @@ float32 and is timed for four implementations, side by side in one run:
 - ``memcpy``: ``np.copyto`` of an array of the outputs' total size (bytes read
   + written = 2 x output bytes), the roofline.
 
+The case ``dense_two_axis`` is a Dense kernel (4096, 4096) split on both axes
+(every other unit of its input, role outgoing, and a random half of its
+output units, role incoming: (6144, 6144)), timed three ways: ``numba``, one
+two-axis job (``Job.also``); ``dense_two_axis_chained`` / ``numba``, the two
+chained one-axis ``split_many`` calls through a preallocated intermediate;
+and ``memcpy`` of the output's size. Run it alone with
+``pytest benchmarks/test_bench_cpu.py --benchmark-only -k two_axis``.
+
 GB/s count the bytes read plus the bytes written (input + output for a split)
 and go into ``extra_info``; the terminal summary (benchmarks/conftest.py) prints
 medians, GB/s and the ratios. The batched case ``model`` is also timed as one
@@ -189,6 +197,56 @@ def test_split(benchmark, record, name, impl):
         nbytes = 2 * dst.nbytes
         _run(benchmark, impl, jobs, lambda: np.copyto(dst, src))
     record(name, impl, nbytes)
+
+
+@functools.cache
+def _two_axis_case():
+    """(x, P, Q, out, intermediate) of ``dense_two_axis``, outputs written once already."""
+    rng = np.random.default_rng(1)
+    x = _rand(rng, (4096, 4096))
+    p, q = _half(), _half(rng)
+    out = np.zeros((p.new_width, q.new_width), dtype=np.float32)
+    tmp = np.zeros((p.new_width, 4096), dtype=np.float32)
+    return x, p, q, out, tmp
+
+
+def _two_axis_jobs():
+    x, p, q, out, tmp = _two_axis_case()
+    one = [Job(x, p, 0, "outgoing", out=out, also=(q, 1, "incoming"))]
+    first, second = [Job(x, p, 0, "outgoing", out=tmp)], [Job(tmp, q, 1, "incoming", out=out)]
+    return one, first, second
+
+
+@pytest.mark.parametrize("impl", ["one_job", "chained", "memcpy"])
+def test_dense_two_axis(benchmark, record, impl):
+    """A Dense kernel split on both axes: one two-axis job against two chained calls and memcpy."""
+    benchmark.group = "dense_two_axis"
+    x, _, _, out, tmp = _two_axis_case()
+    one, first, second = _two_axis_jobs()
+    nbytes = x.nbytes + out.nbytes
+    if impl == "one_job":
+        _run(benchmark, "numba", one, lambda: split_many(one, backend="numba"))
+        record("dense_two_axis", "numba", nbytes)
+    elif impl == "chained":
+        def chained():
+            split_many(first, backend="numba")
+            split_many(second, backend="numba")
+
+        _run(benchmark, "numba", first, chained)
+        record("dense_two_axis_chained", "numba", nbytes)  # the same useful bytes; it also writes and reads tmp
+    else:
+        src, dst = np.ones(out.size, dtype=np.float32), np.zeros(out.size, dtype=np.float32)
+        _run(benchmark, "memcpy", one, lambda: np.copyto(dst, src))
+        record("dense_two_axis", "memcpy", 2 * dst.nbytes)
+
+
+def test_dense_two_axis_is_right():
+    """The one-job result equals the chained calls' bit for bit."""
+    one, first, second = _two_axis_jobs()
+    got = split_many(one, backend="numba")[0].copy()
+    split_many(first, backend="numba")
+    want = split_many(second, backend="numba")[0]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("impl", ["numba", "kernel"])

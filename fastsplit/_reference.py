@@ -6,6 +6,10 @@ Each task is a gather along the middle axis of a 3-D view ``(outer, n, inner)``:
 
 computed in float64 for float64 tensors and in float32 for the others (float32,
 float16, bfloat16), then rounded to the tensor's dtype.
+
+A two-axis task (``task.rows``) is two such gathers, literally: the first step on
+a 3-D view of the input, rounded to the dtype, then the second on a 3-D view of
+that intermediate, so each step's noise index is the flat index in its own result.
 """
 
 from __future__ import annotations
@@ -39,4 +43,26 @@ def gather(x, src, scale, add=None, noise=None, key=0):
 def run(tasks) -> None:
     """Write every task's result into its ``out``."""
     for t in tasks:
-        t.out[...] = gather(t.x, t.src, t.scale, t.add, t.noise, t.key)
+        if t.rows is None:
+            t.out[...] = gather(t.x, t.src, t.scale, t.add, t.noise, t.key)
+        else:
+            t.out[...] = _two_axes(t)
+
+
+def _two_axes(t):
+    """A two-axis task as two one-axis gathers through an intermediate array."""
+    outer, na, mid, nb, inner = t.x.shape
+    r = t.rows
+    ma, mb = r.src.shape[0], t.src.shape[0]
+
+    def along_rows(y, nb_now):  # (outer, na, mid, nb_now, inner) -> (outer, ma, mid, nb_now, inner)
+        y3 = gather(y.reshape(outer, na, mid * nb_now * inner), r.src, r.scale, r.add, r.noise, r.key)
+        return y3.reshape(outer, ma, mid, nb_now, inner)
+
+    def along_columns(y, na_now):  # (outer, na_now, mid, nb, inner) -> (outer, na_now, mid, mb, inner)
+        y3 = gather(y.reshape(outer * na_now * mid, nb, inner), t.src, t.scale, t.add, t.noise, t.key)
+        return y3.reshape(outer, na_now, mid, mb, inner)
+
+    if r.first:
+        return along_columns(along_rows(t.x, nb), ma)
+    return along_rows(along_columns(t.x, na), mb)

@@ -28,23 +28,20 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
-from . import _core, _dispatch, interop
-from ._core import Job
+from . import _gather
 from ._errors import SplitError
+from ._gather import Job
+from ._gather import bf16_bits_to_f32 as _bf16_bits_to_f32  # noqa: F401 - used by fastsplit.keras
+from ._gather import f32_to_bf16_bits as _f32_to_bf16_bits  # noqa: F401 - used by fastsplit.keras
+from .plan import AxisPlan, _readonly
 from .plan import _indices as _spec_indices
-from .plan import _readonly
-
-#: roles whose merged value is a sum over the group, and the one that adds square roots
-_SUM_ROLES = ("outgoing", "moment1")
-_ROOT_ROLES = ("moment2",)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class CompactPlan:
+class CompactPlan(AxisPlan):
     """How an axis of ``width`` units keeps ``new_width`` of them, merging twins into representatives.
 
     Make one with :func:`compact_plan`. The arrays are read-only.
@@ -319,55 +316,28 @@ def compact_plan(width: int, remove=None, merge=None) -> CompactPlan:
 # -- running plans ------------------------------------------------------------------------------------------
 
 
-def _group_table(plan: CompactPlan):
-    """Merge groups by size: ``[(members int64[G, k] (representative first), positions int64[G])]``.
-
-    ``positions`` are the representatives' places among the kept units.
-    """
-    by_size: dict = {}
-    for rep, twins in plan.merge:
-        by_size.setdefault(1 + len(twins), []).append((rep, *twins))
-    out = []
-    for k in sorted(by_size):
-        members = np.asarray(by_size[k], dtype=np.int64)
-        out.append((members, np.searchsorted(plan.src, members[:, 0]).astype(np.int64)))
-    return out
-
-
-def _bf16_bits_to_f32(xp, a):
-    return (a.view(xp.uint16).astype(xp.uint32) << 16).view(xp.float32)
-
-
-def _f32_to_bf16_bits(xp, a):
-    bits = a.astype(xp.float32).view(xp.uint32)
-    bits = bits + xp.uint32(0x7FFF) + ((bits >> 16) & xp.uint32(1))  # round to nearest even
-    return (bits >> 16).astype(xp.uint16)
-
-
-def _merge_into(xp, x3, out3, plan: CompactPlan, role: str, raw_bf16: bool) -> None:
-    """Write each representative's merged value into ``out3`` (the gathered ``(outer, m, inner)`` result)."""
-    ct = np.float64 if x3.dtype == np.float64 else np.float32
-    for members, pos in _group_table(plan):
-        cols = x3[:, xp.asarray(members.reshape(-1)), :]
-        cols = _bf16_bits_to_f32(xp, cols) if raw_bf16 else cols.astype(ct)
-        cols = cols.reshape(x3.shape[0], members.shape[0], members.shape[1], x3.shape[2])
-        if role in _ROOT_ROLES:
-            merged = xp.sqrt(xp.maximum(cols, 0)).sum(axis=2) ** 2
-        else:
-            merged = cols.sum(axis=2)
-        merged = _f32_to_bf16_bits(xp, merged).view(out3.dtype) if raw_bf16 else merged.astype(out3.dtype)
-        out3[:, xp.asarray(pos), :] = merged
-
-
 def compact_many(jobs: Sequence[Job], *, backend: str = "auto") -> list:
-    """Run many jobs of :class:`CompactPlan` (and :class:`~fastsplit.SplitPlan`) in one ``split_many`` call.
+    """Run many jobs of :class:`CompactPlan` (and :class:`~fastsplit.SplitPlan`) in one pass.
 
-    Every job is first gathered by one ``split_many`` call (one kernel launch
-    on the GPU, one parallel region on the CPU); then, for the jobs whose plan
-    has merge groups and whose role sums (``"outgoing"``, ``"moment1"``,
-    ``"moment2"``; see the module docstring), each representative's entries
-    are overwritten with the merged value, computed on the array module of
-    the data (NumPy or CuPy) in float32 (float64 for float64 tensors).
+    The jobs go through the executor of ``fastsplit.split_many`` (one kernel
+    launch per dtype on the GPU, one parallel region on the CPU), gathering the
+    kept units; then, for the jobs whose plan has merge groups and whose role
+    sums (``"outgoing"``, ``"moment1"``, ``"moment2"``; see the module
+    docstring), each representative's entries are overwritten with the merged
+    value, computed on the array module of the data (NumPy or CuPy) in float32
+    (float64 for float64 tensors).
+
+    A job split on two axes (``Job.also``) is the composition of its two steps,
+    as in ``split_many``: the first step's result (merged, and rounded to the
+    dtype) is what the second step gathers and merges. Its merge step rewrites
+    the representatives' slices along each merging axis from the members'
+    slices of the input, so it needs no intermediate array either. The one
+    exception: a two-axis job that merges on one axis and draws noise on the
+    other (a ``symmetry="noise"`` :class:`~fastsplit.SplitPlan` in the role
+    ``"incoming"``) runs as two passes, its first step in the batch's call
+    and its second in one more call, through an intermediate array; when the
+    noise is the second step's, its scale is then measured on that
+    intermediate, as two ``compact`` calls would, not on ``x``.
 
     Args:
         jobs: :class:`fastsplit.Job` objects; ``out`` works as in ``split_many``.
@@ -384,61 +354,17 @@ def compact_many(jobs: Sequence[Job], *, backend: str = "auto") -> list:
     representatives' entries: O(outer * (representatives + twins) * inner)
     extra, nothing for plans without merge groups.
     """
-    jobs = list(jobs)
-    for i, j in enumerate(jobs):
-        if not isinstance(j, Job):
-            raise SplitError(f"job {i} must be a fastsplit.Job, got {type(j).__name__}")
-    merging = [isinstance(j.plan, CompactPlan) and bool(j.plan.merge) and j.role in _core.ROLES for j in jobs]
-    if not any(merging):
-        return _core.split_many(jobs, backend=backend)
-    natives: list[Any] = [interop.export(j.x) if m else None for j, m in zip(jobs, merging, strict=False)]
-    inner_jobs, outs = [], []
-    for j, m, nat in zip(jobs, merging, natives, strict=False):
-        if not m:
-            inner_jobs.append(j)
-            outs.append(None)
-            continue
-        # a writable out (numpy, CuPy, PyTorch) is filled through its exported array, so that the merge step
-        # can write into it; anything else goes to split_many as given, which refuses it
-        out, out_nat = j.out, None
-        if out is not None and interop.kind_of(out) in ("numpy", "cupy", "torch"):
-            out_nat = interop.export(out)
-            out = out_nat.array if out_nat.array.flags.c_contiguous else None
-        outs.append(out_nat)
-        inner_jobs.append(Job(nat.array, j.plan.gather, j.axis, j.role, j.channels, out))
-    results = _core.split_many(inner_jobs, backend=backend)
-    for j, m, nat, res in zip(jobs, merging, natives, results, strict=False):
-        if not m or not (j.role in _SUM_ROLES or j.role in _ROOT_ROLES):
-            continue
-        xp = _dispatch.array_module(nat)
-        arr = nat.array
-        axis = operator.index(j.axis) % arr.ndim
-        outer, n, inner, _ = _core._view3(tuple(int(s) for s in arr.shape), axis, j.plan.width, j.channels)
-        x3 = xp.ascontiguousarray(arr).reshape(outer, n, inner)
-        res3 = res.reshape(outer, j.plan.new_width, inner)  # C-contiguous (fresh, or a contiguous out): a view
-        _merge_into(xp, x3, res3, j.plan, j.role, nat.bf16 and nat.device[0] == "cuda")
-    _dispatch.synchronize(natives[merging.index(True)].device)
-    final = []
-    for j, m, nat, out_nat, res in zip(jobs, merging, natives, outs, results, strict=False):
-        if not m:
-            final.append(res)
-        elif out_nat is not None:
-            if res is not out_nat.array:
-                out_nat.array[...] = res
-            final.append(j.out)
-        else:
-            final.append(interop.import_(res, nat))
-    return final
+    return _gather.execute(jobs, backend=backend, merge=True)
 
 
 def compact(x, plan: CompactPlan, axis: int = -1, *, role: str = "incoming", channels: str = "last",
-            backend: str = "auto", out=None):
+            backend: str = "auto", out=None, also=None):
     """Compact one tensor along ``axis`` according to ``plan`` (see :func:`compact_many`).
 
     Returns:
         A new array of the same kind and device as ``x`` (``out`` when given).
     """
-    return compact_many([Job(x, plan, axis, role, channels, out)], backend=backend)[0]
+    return compact_many([Job(x, plan, axis, role, channels, out, also)], backend=backend)[0]
 
 
 __all__ = ["CompactPlan", "compact", "compact_many", "compact_plan", "concat", "identity"]

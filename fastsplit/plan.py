@@ -25,8 +25,51 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def column_runs(src: np.ndarray) -> np.ndarray:
+    """Maximal runs of consecutive source indices, as an ``int64[r, 3]`` array.
+
+    Row ``(d, s, length)`` means ``src[d:d+length] == arange(s, s+length)``. A plan
+    from :func:`plan` has the old units as one run followed by one run per block
+    of adjacent split units, so a kernel can copy whole blocks.
+    Cost: O(m) numpy work.
+    """
+    m = src.shape[0]
+    if m == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    brk = np.flatnonzero(np.diff(src) != 1) + 1
+    starts = np.concatenate([[0], brk]).astype(np.int64)
+    ends = np.concatenate([brk, [m]]).astype(np.int64)
+    return np.stack([starts, src[starts], ends - starts], axis=1)
+
+
+class AxisPlan:
+    """What every plan of one axis offers the executor (``fastsplit._gather``): the common base.
+
+    :class:`SplitPlan` and :class:`fastsplit.compact.CompactPlan` derive from it.
+    A plan says how an axis of ``width`` units becomes ``new_width``: new unit
+    ``j`` reads old unit ``src[j]``, scaled by ``ratio[j]**p`` (the role's power),
+    plus ``offset[j]`` for a bias and noise for the extra copies (``is_copy``) of
+    a ``symmetry="noise"`` plan. A plan with merge groups (``merge``, compaction
+    only) also adds twins into representatives; ``gather`` is the same plan
+    without them, the part a gather kernel runs.
+
+    Subclasses provide ``width``, ``src``, ``ratio``, ``offset``, ``symmetry``,
+    ``sigma``, ``new_width``, ``is_copy`` and ``noise_key``.
+    """
+
+    __slots__ = ()
+
+    #: merge groups ``((representative, (twin, ...)), ...)``: none for a split
+    merge: tuple = ()
+
+    @property
+    def gather(self) -> AxisPlan:
+        """The gather step of this plan: the plan itself when it merges nothing."""
+        return self
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class SplitPlan:
+class SplitPlan(AxisPlan):
     """How one axis of width ``width`` becomes ``new_width`` units.
 
     New unit ``j`` is a copy of old unit ``src[j]``; it keeps ``ratio[j]`` of the

@@ -20,6 +20,18 @@
 // compiles this very file with g++ (FS_HOST_PRIMITIVES, one std::thread per CUDA
 // thread) to check it against the numpy reference without a GPU.
 //
+// Two axes (F_TWO, kernel fastsplit_split2, launched apart from the one-axis tasks):
+// a tensor split on two axes is read as a 5-D view (outer, nA, mid, n, inner) and
+// written as (outer, mA, mid, m, inner), in one pass, with no intermediate array.
+// Its descriptor describes the output as R = outer * mA * mid rows of (m, inner),
+// gathered along the columns like a one-axis task; output row r = (o, a, q) reads
+// row (o, rsrc[a], q) of x and takes a second factor (rscale[a], radd[a],
+// rnoise[a]). The two steps apply in the job's order (F_RFIRST: the rows first),
+// the first step's value rounded to the element type in between, so the result
+// equals two one-axis splits; each step's noise is drawn at the element's flat
+// index in that step's result (the intermediate for the first step, out for the
+// second).
+//
 // Noise: tasks with F_NOISE go element by element; a column whose noise[j] is 0
 // (the original units) gets no draw at all, where the reference adds 0 * gauss,
 // which differs only in the sign of a zero result.
@@ -27,8 +39,9 @@
 // No #include: NVRTC compiles this file as it is. Half and bfloat16 travel as
 // 16-bit integers (PTX cvt for half, round-to-nearest-even by hand for bfloat16).
 // Compiled by nvcc (the CMake fatbin, or `nvcc -c` for a resource report) it also
-// defines extern "C" kernels fastsplit_split_<dtype>; NVRTC (__CUDACC_RTC__)
-// compiles only the template instance it is asked for, unless FASTSPLIT_INSTANTIATE.
+// defines extern "C" kernels fastsplit_split_<dtype> and fastsplit_split2_<dtype>;
+// NVRTC (__CUDACC_RTC__) compiles only the template instance it is asked for,
+// unless FASTSPLIT_INSTANTIATE.
 
 #ifndef FS_THREADS
 #define FS_THREADS 256  // threads per block (the host launches exactly this many)
@@ -51,9 +64,14 @@ enum : i64 {
     F_NOISE = 4,    // add noise[j] * gauss(key, flat index)
     F_XALIGN = 8,   // x address is a multiple of 16 bytes
     F_OALIGN = 16,  // out address is a multiple of 16 bytes
+    F_TWO = 32,     // split on two axes: the r* fields describe the gather along the rows
+    F_RFIRST = 64,  // ... and it is the first step (else the gather along the columns is)
+    F_RSCALE = 128, // multiply by rscale[a]
+    F_RADD = 256,   // add radd[a]
+    F_RNOISE = 512, // add rnoise[a] * gauss(rkey, flat index)
 };
 
-// One task: 16 int64 fields, 128 bytes (field order as in _cuda_layout.FIELDS).
+// One task: 24 int64 fields, 192 bytes (field order as in _cuda_layout.FIELDS).
 struct Desc {
     i64 x;           // address of x, C-contiguous (outer, n, inner)
     i64 out;         // address of out, C-contiguous (outer, m, inner)
@@ -71,6 +89,14 @@ struct Desc {
     i64 total;       // outer * m * inner, > 0
     i64 flags;
     i64 pad;
+    i64 na;          // F_TWO: units of x along the rows (axis 1 of the 5-D view)
+    i64 ma;          // F_TWO: units of out along the rows
+    i64 mid;         // F_TWO: entries between the two unit axes; outer above is outer * ma * mid
+    i64 rsrc;        // F_TWO: blob offset of int64[ma]: source unit of each unit along the rows
+    i64 rscale;      // blob offset of compute[ma] (F_RSCALE only)
+    i64 radd;        // blob offset of compute[ma] (F_RADD only)
+    i64 rnoise;      // blob offset of float64[ma] (F_RNOISE only)
+    i64 rkey;        // noise generator key of the rows (uint64 bits)
 };
 
 struct alignas(16) Vec16 {
@@ -215,7 +241,123 @@ __device__ __forceinline__ const S* as_ptr(i64 address) {
     return reinterpret_cast<const S*>((u64)address);
 }
 
+// One step of a two-axis task on a compute-dtype value: y * scale (+ add) (+ noise * gauss(key, idx)).
+template <class C>
+__device__ __forceinline__ C step(C y, i64 flags, i64 f_scale, i64 f_add, i64 f_noise, const C* scale,
+                                  const C* addv, const double* noise, i64 u, u64 key, i64 idx) {
+    if (flags & f_scale) y = mul_rn(y, __ldg(scale + u));
+    if (flags & f_add) y = add_rn(y, __ldg(addv + u));
+    if (flags & f_noise) {
+        const double nz = __ldg(noise + u);
+        if (nz != 0.0) {
+            C draw;
+            narrow(__dmul_rn(nz, gauss(key, (u64)idx)), draw);
+            y = add_rn(y, draw);
+        }
+    }
+    return y;
+}
+
+// Unit a along the rows of output row r of a two-axis task, and the row of x it reads.
+__device__ __forceinline__ void row_of(i64 r, i64 na, i64 mm, i64 mid, const i64* rsrc, i64& a, i64& xr) {
+    const i64 o = r / mm;
+    const i64 rem = r - o * mm;
+    a = rem / mid;
+    xr = (o * na + __ldg(rsrc + a)) * mid + (rem - a * mid);
+}
+
+// The part of a tile that a thread writes, for a task split on two axes: FS_ITEMS vectors of
+// VEC consecutive output elements, each loaded in one 16-byte load when it can be (as in the
+// one-axis path), then both steps element by element, then one 16-byte store when aligned.
 template <class Tr>
+__device__ __forceinline__ void two_axis_tile(const Desc* d, const char* __restrict__ blob, i64 base, i64 o0,
+                                              i64 c0) {
+    typedef typename Tr::S S;
+    typedef typename Tr::C C;
+    constexpr int VEC = Tr::VEC;
+    constexpr i64 TILE = (i64)FS_THREADS * FS_ITEMS * VEC;
+    const S* x = as_ptr<S>(d->x);
+    S* out = const_cast<S*>(as_ptr<S>(d->out));
+    const i64 n = d->n, m = d->m, inner = d->inner, total = d->total, flags = d->flags;
+    const i64 na = d->na, mid = d->mid, mm = d->ma * d->mid;
+    const i64* src = reinterpret_cast<const i64*>(blob + d->src);
+    const i64* run = reinterpret_cast<const i64*>(blob + d->run);
+    const C* scale = reinterpret_cast<const C*>(blob + d->scale);
+    const C* addv = reinterpret_cast<const C*>(blob + d->add);
+    const double* noise = reinterpret_cast<const double*>(blob + d->noise);
+    const i64* rsrc = reinterpret_cast<const i64*>(blob + d->rsrc);
+    const C* rscale = reinterpret_cast<const C*>(blob + d->rscale);
+    const C* radd = reinterpret_cast<const C*>(blob + d->radd);
+    const double* rnoise = reinterpret_cast<const double*>(blob + d->rnoise);
+    const u64 key = (u64)d->key, rkey = (u64)d->rkey;
+    const i64 L = m * inner;
+    const bool cstep = (flags & (F_SCALE | F_ADD | F_NOISE)) != 0;
+    const bool rstep = (flags & (F_RSCALE | F_RADD | F_RNOISE)) != 0;
+    const bool rfirst = (flags & F_RFIRST) != 0;
+#pragma unroll 1
+    for (int it = 0; it < FS_ITEMS; ++it) {
+        const i64 rel = ((i64)it * FS_THREADS + threadIdx.x) * VEC;
+        const i64 f = base + rel;
+        if (f >= total) break;
+        i64 r, c, j, i, a, xr;
+        locate_row<TILE>(c0 + rel, L, o0, r, c);
+        locate_col(c, inner, L, j, i);
+        row_of(r, na, mm, mid, rsrc, a, xr);
+        const i64 kmax = total - f < VEC ? total - f : VEC;
+        Pack<S> buf;
+        bool wide = false;
+        if ((flags & F_XALIGN) && kmax == VEC && c + VEC <= L) {
+            const i64 xs = (xr * n + __ldg(src + j)) * inner + i;
+            const i64 span = inner == 1 ? VEC - 1 : (i + VEC <= inner ? 0 : (i + VEC - 1) / inner);
+            if ((xs & (VEC - 1)) == 0 && __ldg(run + j) > span) {
+                buf.v = *reinterpret_cast<const Vec16*>(x + xs);
+                wide = true;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (k < kmax) {
+                const i64 sj = __ldg(src + j);
+                C y = Tr::to_c(wide ? buf.s[k] : x[(xr * n + sj) * inner + i]);
+                if (rfirst) {
+                    if (rstep) {
+                        y = step(y, flags, F_RSCALE, F_RADD, F_RNOISE, rscale, radd, rnoise, a, rkey,
+                                 (r * n + sj) * inner + i);
+                        y = Tr::to_c(Tr::from_c(y));
+                    }
+                    if (cstep) y = step(y, flags, F_SCALE, F_ADD, F_NOISE, scale, addv, noise, j, key, f + k);
+                } else {
+                    if (cstep) {
+                        y = step(y, flags, F_SCALE, F_ADD, F_NOISE, scale, addv, noise, j, key,
+                                 (xr * m + j) * inner + i);
+                        y = Tr::to_c(Tr::from_c(y));
+                    }
+                    if (rstep) y = step(y, flags, F_RSCALE, F_RADD, F_RNOISE, rscale, radd, rnoise, a, rkey, f + k);
+                }
+                buf.s[k] = Tr::from_c(y);
+                if (++i == inner) {
+                    i = 0;
+                    if (++j == m) {
+                        j = 0;
+                        if (f + k + 1 < total) row_of(++r, na, mm, mid, rsrc, a, xr);
+                    }
+                }
+            }
+        }
+        if ((flags & F_OALIGN) && kmax == VEC) {
+            *reinterpret_cast<Vec16*>(out + f) = buf.v;
+        } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k)
+                if (k < kmax) out[f + k] = buf.s[k];
+        }
+    }
+}
+
+// The tile loop of both kernels: TWO false for one-axis tasks (fastsplit_split), true for tasks
+// split on two axes (fastsplit_split2). The host launches the two kinds separately, so the
+// one-axis kernel is compiled exactly as it would be without the two-axis path.
+template <class Tr, bool TWO>
 __device__ __forceinline__ void split_body(const char* __restrict__ blob, i64 ntasks, i64 total_tiles) {
     typedef typename Tr::S S;
     typedef typename Tr::C C;
@@ -252,6 +394,11 @@ __device__ __forceinline__ void split_body(const char* __restrict__ blob, i64 nt
         const i64 o0 = base / L;
         const i64 c0 = base - o0 * L;
         __syncthreads();  // everyone has read s_task before thread 0 writes the next one
+
+        if constexpr (TWO) {
+            two_axis_tile<Tr>(d, blob, base, o0, c0);
+            continue;
+        }
 
         if (flags & F_NOISE) {
             // Noise: float64 transcendental math per element dominates, so go
@@ -368,24 +515,34 @@ __device__ __forceinline__ void split_body(const char* __restrict__ blob, i64 nt
 
 }  // namespace fs
 
-// The template kernel NVRTC instantiates per dtype through name expressions
-// ("fastsplit_split<fs::F16>", ...).
+// The template kernels NVRTC instantiates per dtype through name expressions
+// ("fastsplit_split<fs::F16>", "fastsplit_split2<fs::F16>", ...).
 template <class Tr>
 __global__ void __launch_bounds__(FS_THREADS)
 fastsplit_split(const char* __restrict__ blob, long long ntasks, long long total_tiles) {
-    fs::split_body<Tr>(blob, ntasks, total_tiles);
+    fs::split_body<Tr, false>(blob, ntasks, total_tiles);
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(FS_THREADS)
+fastsplit_split2(const char* __restrict__ blob, long long ntasks, long long total_tiles) {
+    fs::split_body<Tr, true>(blob, ntasks, total_tiles);
 }
 
 #if !defined(__CUDACC_RTC__) || defined(FASTSPLIT_INSTANTIATE)
 // Fixed names for the prebuilt fatbin (recorded in its .json manifest).
-#define FS_EXPORT(NAME, TR)                                                                         \
+#define FS_EXPORT(NAME, TR, TWO)                                                                    \
     extern "C" __global__ void __launch_bounds__(FS_THREADS)                                        \
     NAME(const char* __restrict__ blob, long long ntasks, long long total_tiles) {                 \
-        fs::split_body<TR>(blob, ntasks, total_tiles);                                              \
+        fs::split_body<TR, TWO>(blob, ntasks, total_tiles);                                         \
     }
-FS_EXPORT(fastsplit_split_float16, fs::F16)
-FS_EXPORT(fastsplit_split_bfloat16, fs::BF16)
-FS_EXPORT(fastsplit_split_float32, fs::F32)
-FS_EXPORT(fastsplit_split_float64, fs::F64)
+FS_EXPORT(fastsplit_split_float16, fs::F16, false)
+FS_EXPORT(fastsplit_split_bfloat16, fs::BF16, false)
+FS_EXPORT(fastsplit_split_float32, fs::F32, false)
+FS_EXPORT(fastsplit_split_float64, fs::F64, false)
+FS_EXPORT(fastsplit_split2_float16, fs::F16, true)
+FS_EXPORT(fastsplit_split2_bfloat16, fs::BF16, true)
+FS_EXPORT(fastsplit_split2_float32, fs::F32, true)
+FS_EXPORT(fastsplit_split2_float64, fs::F64, true)
 #undef FS_EXPORT
 #endif

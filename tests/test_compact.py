@@ -252,3 +252,114 @@ def test_bad_jobs_write_nothing():
 
 def test_public_names():
     assert fastsplit.CompactPlan is CompactPlan and fastsplit.compact_plan is compact_plan
+
+
+# -- jobs compacted on two axes (Job.also) ------------------------------------------------------------------
+
+
+def compact_twice(x, steps, backend="numpy"):
+    """The two calls a two-axis job stands for."""
+    (p1, a1, r1, c1), (p2, a2, r2, c2) = steps
+    return compact(compact(x, p1, a1, role=r1, channels=c1, backend=backend), p2, a2, role=r2, channels=c2,
+                   backend=backend)
+
+
+def same_bits(a, b):
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(a.view(f"u{a.dtype.itemsize}"), b.view(f"u{b.dtype.itemsize}"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ndim=st.integers(2, 4),
+    seed=st.integers(0, 2**31),
+    roles=st.tuples(st.sampled_from(ROLES), st.sampled_from(ROLES)),
+    dtype=st.sampled_from(DTYPES),
+    channels=st.tuples(st.sampled_from(["last", "first"]), st.sampled_from(["last", "first"])),
+    positions=st.tuples(st.sampled_from([1, 1, 3]), st.sampled_from([1, 1, 2])),
+    kinds=st.tuples(st.sampled_from(["compact", "compact", "split"]), st.sampled_from(["compact", "compact", "split"])),
+)
+def test_two_axis_compaction_equals_the_two_calls(ndim, seed, roles, dtype, channels, positions, kinds):
+    """Merge groups on either or both axes, in either order, with a split plan (no noise) on the other axis."""
+    rng = np.random.default_rng(seed)
+    shape = [int(s) for s in rng.integers(1, 8, ndim)]
+    a1, a2 = (int(a) for a in rng.choice(ndim, 2, replace=False))
+    steps = []
+    for k, axis in enumerate((a1, a2)):
+        width = shape[axis]
+        shape[axis] = width * positions[k]
+        if kinds[k] == "compact":
+            p = random_compaction(rng, width)
+        else:
+            p = plan(width, rng.integers(0, width, width), symmetry=str(rng.choice(["none", "nudge"])))
+        steps.append((p, axis - ndim if rng.integers(2) else axis, roles[k], channels[k]))
+    x = np.abs(rng.standard_normal(shape)).astype(as_dtype(dtype))
+    want = compact_twice(x, steps)
+    (p1, ax1, r1, c1), also = steps
+    for backend in CPU_BACKENDS:
+        got = compact(x, p1, ax1, role=r1, channels=c1, also=also, backend=backend)
+        same_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_kernel_and_adam_slots_compacted_on_both_axes(cpu_backend, dtype):
+    """A Dense kernel that consumes group P and produces group Q, pruned and merged on both axes in one call."""
+    rng = np.random.default_rng(5)
+    p = compact_plan(13, remove=[3, 8], merge={0: [12, 5], 7: [9]})
+    q = compact_plan(11, remove=[10], merge={2: [4], 6: [1, 3]})
+    w = rng.standard_normal((13, 11)).astype(as_dtype(dtype))
+    m, v = rng.standard_normal((13, 11)).astype(w.dtype), np.abs(rng.standard_normal((13, 11))).astype(w.dtype)
+    specs = [(w, "outgoing", "incoming"), (m, "moment1", "moment1"), (v, "moment2", "moment2"),
+             (w, "outgoing", "outgoing"), (w, "copy", "incoming")]
+    jobs = [Job(x, p, 0, r1, also=(q, 1, r2)) for x, r1, r2 in specs]
+    jobs += [Job(x, q, 1, r2, also=(p, 0, r1)) for x, r1, r2 in specs]  # the other order
+    got = compact_many(jobs, backend=cpu_backend)
+    for job, g in zip(jobs, got, strict=True):
+        assert g.shape == (p.new_width, q.new_width)
+        same_bits(g, compact_twice(job.x, [(job.plan, job.axis, job.role, "last"), job.also + ("last",)]))
+        close(g, compact_twice(job.x, [(job.plan, job.axis, job.role, "last"), job.also + ("last",)],
+                               backend=cpu_backend), dtype)
+
+
+def test_two_axis_merge_next_to_noise_runs_in_two_passes(cpu_backend, monkeypatch):
+    """Merging on one axis and drawing noise on the other: two passes through an intermediate, as the docs say."""
+    from fastsplit import _gather
+
+    rng = np.random.default_rng(6)
+    c = compact_plan(9, remove=[1], merge={0: [4, 5]})
+    s = plan(7, [0, 3], symmetry="noise", sigma=0.2, seed=2)
+    x = rng.standard_normal((9, 7)).astype("float32")
+    calls = []
+    real = _gather.execute
+    monkeypatch.setattr(_gather, "execute", lambda jobs, **kw: (calls.append(len(jobs)), real(jobs, **kw))[1])
+    jobs = [Job(x, c, 0, "outgoing", also=(s, 1, "incoming")), Job(x, s, 1, "incoming", also=(c, 0, "outgoing")),
+            Job(x, c, 0, "outgoing", also=(s, 1, "moment1")), Job(x[0], s, 0, "bias")]
+    out = np.full((c.new_width, s.new_width), np.nan, dtype="float32")
+    jobs[0].out = out
+    got = compact_many(jobs, backend=cpu_backend)
+    assert calls == [4, 4, 2]  # the call, then two passes: two jobs and the first steps of two, then two
+    assert got[0] is out
+    for job, g in zip(jobs[:3], got[:3], strict=True):
+        close(g, compact_twice(job.x, [(job.plan, job.axis, job.role, "last"), job.also + ("last",)]), "float32")
+    close(got[3], split(x[0], s, 0, role="bias", backend="numpy"), "float32")
+
+
+def test_two_axis_compaction_out_and_bad_jobs(cpu_backend):
+    rng = np.random.default_rng(7)
+    p, q = compact_plan(6, merge={0: [5]}), compact_plan(5, remove=[1], merge={2: [3]})
+    x = rng.standard_normal((6, 5)).astype("float32")
+    before = x.copy()
+    out = np.asfortranarray(np.full((5, 3), np.nan, dtype="float32"))  # not C-contiguous: copied in at the end
+    assert compact(x, p, 0, role="outgoing", also=(q, 1, "outgoing"), out=out, backend=cpu_backend) is out
+    same_bits(np.ascontiguousarray(out), compact_twice(x, [(p, 0, "outgoing", "last"), (q, 1, "outgoing", "last")]))
+    keep = np.full((5, 3), 7.0, dtype="float32")
+    for also, match in [((q, 0, "outgoing"), "job 1: also: axis 0 has length 6"),
+                        ((p, 0, "outgoing"), "job 1: the two axes of a job must differ")]:
+        with pytest.raises(SplitError, match=match):
+            compact_many([Job(x, p, 0, "outgoing", also=(q, 1, "copy"), out=keep), Job(x, p, 0, "outgoing", also=also)],
+                         backend=cpu_backend)
+        assert (keep == 7).all()
+    with pytest.raises(SplitError, match="compact_many"):
+        split(x, p, 0, role="copy", also=(q, 1, "moment2"), backend=cpu_backend)
+    same_bits(x, before)

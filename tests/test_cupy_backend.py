@@ -11,6 +11,7 @@ when CuPy is not importable or no CUDA device is usable.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -59,7 +60,8 @@ def test_desc_fields_match_the_cuda_struct():
     body = body[: body.index("};")]
     names = [line.split()[1].rstrip(";") for line in body.splitlines()[1:] if line.strip().startswith("i64 ")]
     assert tuple(names) == lay.FIELDS
-    for flag in ("F_SCALE", "F_ADD", "F_NOISE", "F_XALIGN", "F_OALIGN"):
+    for flag in ("F_SCALE", "F_ADD", "F_NOISE", "F_XALIGN", "F_OALIGN", "F_TWO", "F_RFIRST", "F_RSCALE", "F_RADD",
+                 "F_RNOISE"):
         assert f"{flag} = {getattr(lay, flag)}," in src
 
 
@@ -520,8 +522,9 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 typedef void (*fs_kernel)(const char*, long long, long long);
 
 extern "C" int fs_launch(int dtype, const char* blob, long long ntasks, long long total_tiles, int grid) {
-    fs_kernel fns[4] = {fastsplit_split_float16, fastsplit_split_bfloat16, fastsplit_split_float32,
-                        fastsplit_split_float64};
+    fs_kernel fns[8] = {fastsplit_split_float16, fastsplit_split_bfloat16, fastsplit_split_float32,
+                        fastsplit_split_float64, fastsplit_split2_float16, fastsplit_split2_bfloat16,
+                        fastsplit_split2_float32, fastsplit_split2_float64};
     fs_kernel fn = fns[dtype];
     std::barrier<> bar(FS_THREADS);
     fs_barrier = &bar;
@@ -665,7 +668,10 @@ class FakeCupy:
 
     NAMES = {"fastsplit_split<fs::F16>": 0, "fastsplit_split<fs::BF16>": 1, "fastsplit_split<fs::F32>": 2,
              "fastsplit_split<fs::F64>": 3, "fastsplit_split_float16": 0, "fastsplit_split_bfloat16": 1,
-             "fastsplit_split_float32": 2, "fastsplit_split_float64": 3}
+             "fastsplit_split_float32": 2, "fastsplit_split_float64": 3,
+             "fastsplit_split2<fs::F16>": 4, "fastsplit_split2<fs::BF16>": 5, "fastsplit_split2<fs::F32>": 6,
+             "fastsplit_split2<fs::F64>": 7, "fastsplit_split2_float16": 4, "fastsplit_split2_bfloat16": 5,
+             "fastsplit_split2_float32": 6, "fastsplit_split2_float64": 7}
 
     def __init__(self, launch, threads, items):
         self.launches = []
@@ -769,6 +775,182 @@ def test_backend_module_imports_without_cupy_and_says_why():
         assert not ok and why
     assert isinstance(why, str) and why
     assert "fastsplit_split" in cupy_cuda.kernel_source()
+
+
+# ---------------------------------------------------------------------------
+# tasks split on two axes: layout, and kernels/split.cu's fastsplit_split2 on the CPU
+# ---------------------------------------------------------------------------
+
+#: (outer, nA, extra A, mid, nB, extra B, inner, x misalignment, out misalignment, rows first,
+#:  rows (scale, add, noise), columns (scale, add, noise))
+TWO_CASES = [
+    (1, 13, 7, 1, 17, 9, 1, 0, 0, True, (True, False, False), (False, False, False)),  # Dense: outgoing x incoming
+    (1, 16, 8, 1, 16, 8, 1, 0, 0, False, (True, False, False), (True, False, False)),  # moments, columns first
+    (3, 5, 3, 2, 7, 4, 3, 1, 0, True, (False, True, False), (True, False, False)),  # mid and inner, misaligned x
+    (2, 6, 2, 3, 9, 5, 1, 0, 1, False, (True, False, True), (False, True, False)),  # noise on the second step
+    (2, 4, 3, 1, 11, 6, 2, 0, 0, True, (False, False, True), (True, False, True)),  # noise on both steps
+    (0, 4, 2, 1, 3, 1, 1, 0, 0, True, (True, False, False), (True, False, False)),  # empty
+    (4, 1, 2, 1, 1, 2, 1, 0, 0, False, (True, True, False), (True, True, False)),  # single units
+    (1, 97, 40, 1, 33, 20, 1, 0, 0, True, (True, False, False), (False, False, False)),  # many tiles
+    (2, 3, 1, 1, 64, 32, 16, 0, 0, False, (True, False, False), (True, False, False)),  # inner 16: wide loads
+    (3, 7, 0, 2, 5, 0, 8, 0, 0, True, (False, False, False), (False, False, False)),  # identity on both axes
+]
+
+
+def _vectors(rng, n, m, flags):
+    with_scale, with_add, with_noise = flags
+    scale = rng.uniform(0.1, 1.0, m) if with_scale else np.ones(m)
+    add = rng.uniform(-1e-2, 1e-2, m) if with_add else None
+    noise = np.where(np.arange(m) >= n, rng.uniform(0.01, 0.1, m), 0.0) if with_noise else None
+    return scale, add, noise, int(rng.integers(0, 2**62)) * 4 + 1
+
+
+def _two_axis_buffers(rng, dtype, cases):
+    """Host arrays standing in for device memory, the specs, and the reference Task of each case."""
+    from fastsplit._gather import Rows
+
+    storage = np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+    vec = 16 // storage.itemsize
+    out = []
+    for (outer, na, ea, mid, nb, eb, inner, xmis, omis, first, rflags, cflags) in cases:
+        rsrc, csrc = random_src(rng, na, ea), random_src(rng, nb, eb)
+        ma, mb = len(rsrc), len(csrc)
+        x = rng.standard_normal((outer, na, mid, nb, inner)).astype(as_dtype(dtype))
+        xbuf = np.zeros(x.size + 16, dtype=storage)
+        start = (-xbuf.ctypes.data // storage.itemsize) % vec + xmis
+        xv = xbuf[start:start + x.size]
+        xv[...] = x.view(storage).reshape(-1)
+        size = outer * ma * mid * mb * inner
+        obuf = np.full(size + 16, 0x55, dtype=storage)
+        ostart = (-obuf.ctypes.data // storage.itemsize) % vec + omis
+        ov = obuf[ostart:ostart + size]
+        rscale, radd, rnoise, rkey = _vectors(rng, na, ma, rflags)
+        scale, add, noise, key = _vectors(rng, nb, mb, cflags)
+        rows = lay.RowSpec(na=na, mid=mid, src=rsrc, scale=rscale, add=radd, noise=rnoise, key=rkey, first=first)
+        spec = lay.TaskSpec(x=xv.ctypes.data, out=ov.ctypes.data, outer=outer, n=nb, m=mb, inner=inner, src=csrc,
+                            scale=scale, add=add, noise=noise, key=key, rows=rows)
+        want = np.zeros((outer, ma, mid, mb, inner), dtype=x.dtype)
+        _reference.run([Task(x, want, csrc, scale, add, noise, key, dtype, column_runs(csrc),
+                             Rows(rsrc, rscale, radd, rnoise, rkey, first, column_runs(rsrc)))])
+        out.append((spec, want, ov, obuf, xbuf))  # xbuf: the kernel reads it through an address
+    return out
+
+
+def test_two_axis_rows_in_the_table():
+    rng = np.random.default_rng(31)
+    bufs = _two_axis_buffers(rng, "float32", TWO_CASES)
+    specs = [b[0] for b in bufs]
+    L = lay.build(specs, itemsize=4, compute=np.float32, threads=4, items=2)
+    fld, t = lay.F, L.table
+    assert L.order == tuple(k for k in range(len(TWO_CASES)) if k != 5)  # the empty case is left out
+    for row, k in enumerate(L.order):
+        s = specs[k]
+        r = s.rows
+        ma = len(r.src)
+        assert t[row, fld["outer"]] == s.outer * ma * r.mid == s.out_rows
+        assert t[row, fld["total"]] == s.outer * ma * r.mid * s.m * s.inner
+        assert tuple(t[row, [fld["na"], fld["ma"], fld["mid"]]]) == (r.na, ma, r.mid)
+        flags = t[row, fld["flags"]]
+        assert flags & lay.F_TWO and bool(flags & lay.F_RFIRST) == r.first
+        assert bool(flags & lay.F_RSCALE) == bool(np.any(r.scale != 1))
+        assert bool(flags & lay.F_RADD) == (r.add is not None)
+        assert bool(flags & lay.F_RNOISE) == (r.noise is not None)
+        rsrc = L.blob[t[row, fld["rsrc"]]:][: 8 * ma].view(np.int64)
+        np.testing.assert_array_equal(rsrc, r.src)
+        if r.noise is not None:
+            np.testing.assert_array_equal(L.blob[t[row, fld["rnoise"]]:][: 8 * ma].view(np.float64), r.noise)
+        assert np.array(t[row, fld["rkey"]]).view(np.uint64) == r.key
+    bad = dataclasses.replace(specs[0], rows=dataclasses.replace(specs[0].rows, src=np.array([0, 13])))
+    with pytest.raises(ValueError, match=r"rows.src must lie in \[0, 13\)"):
+        lay.build([bad], itemsize=4, compute=np.float32, threads=4, items=2)
+
+
+@pytest.mark.parametrize("grid", [None, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_axis_kernel_source_on_the_cpu_matches_the_reference(host_kernel, dtype, grid):
+    """fastsplit_split2 of kernels/split.cu, built with g++, against two reference gathers through an intermediate."""
+    launch, threads, items = host_kernel
+    rng = np.random.default_rng(19)
+    bufs = _two_axis_buffers(rng, dtype, TWO_CASES)
+    storage = np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+    layout = lay.build([b[0] for b in bufs], itemsize=storage.itemsize, compute=compute_of(dtype),
+                       threads=threads, items=items)
+    g = layout.total_tiles if grid is None else min(grid, layout.total_tiles)
+    launch(4 + DTYPES.index(dtype), layout.blob.ctypes.data, layout.ntasks, layout.total_tiles, g)
+    for spec, want, ov, obuf, _xbuf in bufs:
+        got = ov.reshape(want.shape)
+        if spec.noise is None and spec.rows.noise is None:
+            np.testing.assert_array_equal(got, want.view(storage))
+        else:  # glibc's log/cos against numpy's
+            assert_noise_close(got.view(as_dtype(dtype)), want, dtype)
+        offset = (ov.ctypes.data - obuf.ctypes.data) // storage.itemsize
+        assert np.all(obuf[:offset] == storage.type(0x55)) and np.all(obuf[offset + ov.size:] == storage.type(0x55))
+
+
+def test_backend_glue_with_two_axis_tasks(host_kernel, monkeypatch):
+    """cupy_cuda.run with one- and two-axis tasks of two dtypes: one launch per (dtype, kind), right values."""
+    import sys
+
+    from fastsplit import Job, plan
+    from fastsplit._gather import _check, _prepare
+    from fastsplit.interop import Native
+
+    launch, threads, items = host_kernel
+    fake = FakeCupy(launch, threads, items)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cupy_cuda, "_kernels", {})
+    monkeypatch.setattr(cupy_cuda, "_modules", {})
+    monkeypatch.setattr(cupy_cuda, "_fatbin", lambda threads, items: None)
+    monkeypatch.setattr(_config, "CUDA_THREADS_PER_BLOCK", threads)
+    monkeypatch.setattr(_config, "CUDA_VECTORS_PER_THREAD", items)
+    rng = np.random.default_rng(29)
+    p, q = plan(9, [1, 4, 4], symmetry="nudge"), plan(11, [0, 10], symmetry="none")
+    jobs = []
+    for dtype in ("float32", "float16"):
+        w = rng.standard_normal((9, 11)).astype(dtype)
+        jobs += [Job(w, p, 0, "outgoing", also=(q, 1, "incoming")), Job(w, q, 1, "moment2", also=(p, 0, "moment1")),
+                 Job(w, p, 0, "outgoing"), Job(rng.standard_normal((2, 9, 3, 11)).astype(dtype), q, -1, "bias",
+                                                also=(p, 1, "outgoing"))]
+    tasks, wants = [], []
+    for j in jobs:
+        native = Native(j.x, "numpy", ("cpu", 0))
+        task = _prepare(j, native, _check(j, native, 0, False)).task
+        want = np.empty_like(task.out)
+        _reference.run([dataclasses.replace(task, out=want)])
+        task.x = task.x.view(FakeCupy.ndarray)
+        task.out = np.zeros_like(task.out).view(FakeCupy.ndarray)
+        tasks.append(task)
+        wants.append(want)
+    cupy_cuda.run(tasks)
+    assert sorted(d for d, _, _ in fake.launches) == [0, 2, 4, 6]  # per dtype: one one-axis, one two-axis launch
+    for t, want in zip(tasks, wants, strict=True):
+        np.testing.assert_array_equal(np.asarray(t.out), want)
+    names = [n for _, _, n in fake.modules]
+    assert ["fastsplit_split2<fs::F32>"] in names and ["fastsplit_split<fs::F16>"] in names
+
+
+@pytest.mark.slow
+def test_kernel_source_compiles_with_nvcc(tmp_path):
+    """nvcc (when installed) compiles kernels/split.cu as the CMake fatbin does, without spilling registers."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    src = tmp_path / "split.cu"
+    src.write_text(cupy_cuda.kernel_source(), encoding="utf-8")
+    done = subprocess.run([nvcc, "-std=c++17", "-O3", "-DFASTSPLIT_INSTANTIATE", "-arch=sm_80", "-cubin",
+                           "-Xptxas", "-v", str(src), "-o", str(tmp_path / "split.cubin")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = done.stderr
+    for two in ("", "2"):
+        for dtype in DTYPES:
+            assert f"fastsplit_split{two}_{dtype}" in report
+    assert " 0 bytes spill" in report and not any(
+        "spill stores" in line and not line.strip().startswith("0 bytes") and " 0 bytes spill stores" not in line
+        for line in report.splitlines())
 
 
 # ---------------------------------------------------------------------------
@@ -883,6 +1065,29 @@ class TestGPU:
         want = fastsplit.split(x, p, -1, role="incoming", backend="numpy")
         np.testing.assert_array_equal(got[:, :300], want[:, :300])  # old units: no noise
         assert_noise_close(got, want, dtype)
+
+    @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+    def test_two_axis_jobs_through_the_public_api(self, dtype):
+        """Dense, Conv and Flatten kernels split on both axes in one launch, against the numpy reference."""
+        import fastsplit
+        from fastsplit import Job
+
+        cp = self.cp
+        rng = np.random.default_rng(12)
+        p = fastsplit.plan(97, rng.integers(0, 97, 40), symmetry="nudge")
+        q = fastsplit.plan(1025, rng.integers(0, 1025, 300), symmetry="noise", sigma=0.05, seed=4)
+        w = rng.standard_normal((97, 1025)).astype(dtype)
+        conv = rng.standard_normal((3, 3, 97, 1025)).astype(dtype)
+        flat = rng.standard_normal((97 * 9, 1025)).astype(dtype)
+        specs = [(w, p, 0, "outgoing", "last", (q, 1, "copy")), (np.abs(w), q, 1, "moment2", "last", (p, 0, "moment2")),
+                 (conv, p, 2, "moment1", "last", (q, 3, "moment1")), (flat, q, 1, "copy", "last", (p, 0, "outgoing", "first")),
+                 (w, p, 0, "outgoing", "last", (q, 1, "incoming"))]
+        got = fastsplit.split_many([Job(cp.asarray(x), pl, a, r, c, also=al) for x, pl, a, r, c, al in specs],
+                                   backend="cupy")
+        want = fastsplit.split_many([Job(x, pl, a, r, c, also=al) for x, pl, a, r, c, al in specs], backend="numpy")
+        for g, wt in zip(got[:-1], want[:-1], strict=True):
+            np.testing.assert_array_equal(cp.asnumpy(g), wt)
+        assert_noise_close(cp.asnumpy(got[-1]), want[-1], dtype)  # incoming weights of a noise plan
 
     def test_one_launch_per_dtype(self, monkeypatch):
         calls = []

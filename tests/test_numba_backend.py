@@ -359,3 +359,101 @@ def test_four_python_threads_at_once_and_disk_cache(layer):
     assert bad == "0"
     assert misses == "0", "the kernels were compiled again instead of loaded from the disk cache"
     assert policy_left == "False"  # CPU_OMP_WAIT_POLICY reached the OpenMP runtime only, not the environment
+
+
+# --------------------------------------------------------------------------- jobs split on two axes
+
+#: (shape, (axis, width, channels), (axis, width, channels)): a Dense kernel, a conv kernel (units on
+#: axes 2 and 3), a Flatten consumer (positions x units on axis 0), units apart (mid > 1) and inner > 1
+TWO_SHAPES = [((97, 33), (0, 97, "last"), (1, 33, "last")),
+              ((3, 3, 24, 40), (2, 24, "last"), (3, 40, "last")),
+              ((5 * 24, 33), (0, 24, "first"), (1, 33, "last")),
+              ((7, 4, 5, 3, 9), (1, 4, "last"), (3, 3, "last")),
+              ((2, 97, 3, 33, 4), (1, 97, "last"), (3, 33, "last"))]
+
+
+def _two_axis_jobs(rng, dtype, roles, scale_first=True):
+    jobs = []
+    for shape, (a1, w1, c1), (a2, w2, c2) in TWO_SHAPES:
+        x = sample(rng, shape, dtype)
+        p1, p2 = mixed_plan(w1, seed=w1), mixed_plan(w2, seed=w2 + 1)
+        r1, r2 = roles
+        jobs.append(Job(x, p1, a1, r1, c1, also=(p2, a2, r2, c2)))
+        jobs.append(Job(x, p2, a2, r2, c2, also=(p1, a1, r1, c1)))  # the other order
+    return jobs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_axis_jobs_are_bit_exact_for_every_role_pair(dtype):
+    rng = np.random.default_rng(40 + DTYPES.index(dtype))
+    for r1 in ROLES:
+        for r2 in ROLES:
+            jobs = _two_axis_jobs(rng, dtype, (r1, r2))
+            with np.errstate(invalid="ignore", over="ignore"):
+                want = split_many(jobs, backend="numpy")
+            for job, g, w in zip(jobs, split_many(jobs, backend="numba"), want, strict=True):
+                assert_same_bits(g, w)
+                two = split(split(job.x, job.plan, job.axis, role=job.role, channels=job.channels, backend="numba"),
+                            *job.also[:2], role=job.also[2], channels=job.also[3], backend="numba")
+                assert_same_bits(g, two)  # and what the two calls give
+
+
+@pytest.mark.parametrize("chunk", [1, 64, 1000])
+@pytest.mark.parametrize("gather_run", [1, 16, 1 << 30])
+def test_two_axis_many_boxes_and_both_run_paths(tiny_config, chunk, gather_run):
+    tiny_config(chunk, gather_run)
+    rng = np.random.default_rng(chunk + gather_run)
+    for dtype in ("float32", "float16"):
+        for roles in (("outgoing", "moment2"), ("bias", "outgoing")):  # the plain path (both orders), add
+            jobs = _two_axis_jobs(rng, dtype, roles)
+            for g, w in zip(split_many(jobs, backend="numba"), split_many(jobs, backend="numpy"), strict=True):
+                assert_same_bits(g, w)
+
+
+def test_two_axis_jobs_share_the_parallel_region(monkeypatch, tiny_config):
+    tiny_config(4096)
+    rng = np.random.default_rng(41)
+    jobs = _two_axis_jobs(rng, "float32", ("outgoing", "incoming"))
+    jobs += [Job(sample(rng, (97, 33), "float32"), mixed_plan(97), 0, "outgoing")]
+    launches = []
+    real_launch = nc._launch
+    monkeypatch.setattr(nc, "_launch", lambda args, nbytes: (launches.append(args[0].dtype), real_launch(args, nbytes)))
+    got = split_many(jobs, backend="numba")
+    assert len(launches) == 1
+    for g, w in zip(got, split_many(jobs, backend="numpy"), strict=True):
+        assert_same_bits(g, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_axis_noise_is_the_reference_noise(dtype, tiny_config):
+    tiny_config(512)
+    rng = np.random.default_rng(42)
+    x = (rng.standard_normal((3, 97, 2, 65)) * 0.1).astype(as_dtype(dtype))
+    p = mixed_plan(97, symmetry="noise", sigma=0.5, seed=1)
+    q = mixed_plan(65, seed=2, symmetry="noise", sigma=0.3)
+    jobs = [Job(x, p, 1, "incoming", also=(q, 3, "incoming")), Job(x, q, 3, "incoming", also=(p, 1, "incoming")),
+            Job(x, p, 1, "outgoing", also=(q, -1, "incoming")), Job(x, q, -1, "bias", also=(p, 1, "incoming"))]
+    for g, w in zip(split_many(jobs, backend="numba"), split_many(jobs, backend="numpy"), strict=True):
+        assert not np.array_equal(w, split(x, p, 1, role="copy", also=(q, 3, "copy"), backend="numpy"))
+        if dtype == "float64":  # a draw may differ in its last bit (log): allow a few ulps of the draws
+            assert np.all(np.abs(g - w) <= 8 * np.spacing(np.abs(w)) + 1e-15)
+        else:
+            assert ulp_apart(g, w).max() <= 1
+
+
+def test_two_axis_task_checks():
+    from fastsplit._core import Rows
+
+    p = plan(4, [0])
+    x = np.ones((1, 4, 1, 4, 1), dtype=np.float32)
+    rows = Rows(p.src, np.ones(5), None, None, 0, True, column_runs(p.src))
+    task = Task(x, np.empty((1, 5, 1, 5, 1), np.float32), p.src, np.ones(5), None, None, 0, "float32",
+                column_runs(p.src), rows)
+    nc.run([task])
+    with pytest.raises(ValueError, match="two-axis task shapes"):
+        nc.run([Task(x, np.empty((1, 5, 1, 4, 1), np.float32), p.src, np.ones(5), None, None, 0, "float32",
+                     column_runs(p.src), rows)])
+    bad_rows = Rows(np.array([0, 1, 2, 3, 4]), np.ones(5), None, None, 0, True, None)
+    with pytest.raises(ValueError, match="row src indexes outside"):
+        nc.run([Task(x, np.empty((1, 5, 1, 5, 1), np.float32), p.src, np.ones(5), None, None, 0, "float32",
+                     column_runs(p.src), bad_rows)])

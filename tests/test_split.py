@@ -316,3 +316,174 @@ def test_cpu_results_are_64_byte_aligned(cpu_backend):
     for width in (3, 5, 17):
         y = split(np.ones((7, width), np.float32), plan(width), backend=cpu_backend)
         assert y.ctypes.data % 64 == 0
+
+
+# --- jobs split on two axes (Job.also) ------------------------------------------------------------
+
+
+def split_twice(x, steps, backend="numpy"):
+    """The two calls a two-axis job stands for."""
+    (p1, a1, r1, c1), (p2, a2, r2, c2) = steps
+    return split(split(x, p1, a1, role=r1, channels=c1, backend=backend), p2, a2, role=r2, channels=c2,
+                 backend=backend)
+
+
+def view3(a, axis, width, channels):
+    """(outer, width, inner) view of ``a`` around ``axis``, as the docs describe a flattened axis."""
+    axis %= a.ndim
+    positions = a.shape[axis] // width
+    outer = int(np.prod(a.shape[:axis], dtype=np.int64))
+    inner = int(np.prod(a.shape[axis + 1:], dtype=np.int64))
+    if channels == "last":
+        return a.reshape(outer * positions, width, inner)
+    return a.reshape(outer, width, positions * inner)
+
+
+def expected_two(x, steps):
+    """A two-axis job written out: two gathers, each noise scaled by the std of x's columns (not the intermediate's)."""
+    from fastsplit import _reference
+
+    (p1, a1, r1, c1), (p2, a2, r2, c2) = steps
+    y1 = split(x, p1, a1, role=r1, channels=c1, backend="numpy")
+    if not (r2 == "incoming" and p2.symmetry == "noise" and p2.sigma > 0 and p2.is_copy.any()):
+        return split(y1, p2, a2, role=r2, channels=c2, backend="numpy")
+    x3 = view3(x, a2, p2.width, c2).astype(np.float64)
+    std = np.array([x3[:, u, :].std() for u in range(p2.width)])
+    noise = np.where(p2.is_copy, p2.sigma * std[p2.src], 0.0)
+    y3 = view3(y1, a2, p2.width, c2)
+    out = _reference.gather(y3, p2.src, np.ones(p2.new_width), None, noise, p2.noise_key)
+    shape = list(y1.shape)
+    shape[a2 % x.ndim] = shape[a2 % x.ndim] // p2.width * p2.new_width
+    return out.reshape(shape)
+
+
+def same_bits(a, b):
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(a.view(f"u{a.dtype.itemsize}"), b.view(f"u{b.dtype.itemsize}"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_axis_job_equals_two_splits_for_every_role_pair(dtype):
+    """Every (role, role) pair, both axis orders, a plain and a flattened (positions x units) axis, odd sizes."""
+    rng = np.random.default_rng(DTYPES.index(dtype))
+    p = plan(13, [1, 2, 2, 7, 12], symmetry="nudge", eps=1e-2)
+    q = plan(33, rng.integers(0, 33, 17), copies=3, symmetry="nudge")
+    tensors = [(rng.standard_normal((13, 33)), 0, "last"), (rng.standard_normal((5 * 13, 33)), 0, "last"),
+               (rng.standard_normal((13 * 5, 33)), 0, "first")]
+    for x, axis, channels in tensors:
+        x = x.astype(as_dtype(dtype))
+        for r1 in ROLES:
+            for r2 in ROLES:
+                for steps in (((p, axis, r1, channels), (q, 1, r2, "last")),
+                              ((q, -1, r2, "last"), (p, axis, r1, channels))):
+                    (p1, a1, ro1, c1), also = steps
+                    want = split_twice(x, steps)
+                    for backend in CPU_BACKENDS:
+                        got = split(x, p1, a1, role=ro1, channels=c1, also=also, backend=backend)
+                        same_bits(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ndim=st.integers(2, 4),
+    seed=st.integers(0, 2**31),
+    roles=st.tuples(st.sampled_from(ROLES), st.sampled_from(ROLES)),
+    dtype=st.sampled_from(DTYPES),
+    channels=st.tuples(st.sampled_from(["last", "first"]), st.sampled_from(["last", "first"])),
+    positions=st.tuples(st.sampled_from([1, 1, 3]), st.sampled_from([1, 1, 2])),
+    compact=st.tuples(st.booleans(), st.booleans()),
+)
+def test_two_axis_jobs_agree_with_the_two_calls(ndim, seed, roles, dtype, channels, positions, compact):
+    """Random shapes, axes in either order, flattened axes, split or compaction plans, every symmetry."""
+    rng = np.random.default_rng(seed)
+    shape = [int(s) for s in rng.integers(1, 8, ndim)]
+    a1, a2 = (int(a) for a in rng.choice(ndim, 2, replace=False))
+    steps = []
+    for k, axis in enumerate((a1, a2)):
+        width = shape[axis]
+        shape[axis] = width * positions[k]
+        if compact[k]:
+            p = fastsplit.compact_plan(width, remove=rng.permutation(width)[: int(rng.integers(0, width))])
+        else:
+            p = random_plan(rng, width, symmetry=str(rng.choice(["none", "nudge", "noise"])))
+        steps.append((p, axis - ndim if rng.integers(2) else axis, roles[k], channels[k]))
+    x = rng.standard_normal(shape).astype(as_dtype(dtype))
+    (p1, ax1, r1, c1), also = steps
+    ref = split(x, p1, ax1, role=r1, channels=c1, also=also, backend="numpy")
+    p2, _, r2, _ = also
+    if r2 != "incoming" or p2.symmetry != "noise":
+        same_bits(ref, split_twice(x, steps))  # exactly the two calls
+    close(ref, expected_two(x, steps), dtype)
+    for backend in CPU_BACKENDS:
+        close(split(x, p1, ax1, role=r1, channels=c1, also=also, backend=backend), ref, dtype)
+
+
+def test_two_axis_jobs_in_a_batch_with_one_axis_jobs(cpu_backend):
+    rng = np.random.default_rng(11)
+    p, q = plan(19, rng.integers(0, 19, 8)), plan(23, rng.integers(0, 23, 9), symmetry="noise", sigma=0.2, seed=5)
+    w = rng.standard_normal((19, 23)).astype(np.float32)
+    conv = rng.standard_normal((3, 3, 19, 23)).astype(np.float16)
+    jobs = [Job(w, p, 0, "outgoing", also=(q, 1, "incoming")), Job(np.abs(w), p, 0, "moment2", also=(q, 1, "moment2")),
+            Job(w, q, 1, "incoming"), Job(conv, p, 2, "outgoing", also=(q, 3, "incoming")),
+            Job(conv, q, -1, "moment1", also=(p, -2, "moment1")), Job(w[0], q, 0, "bias")]
+    got = split_many(jobs, backend=cpu_backend)
+    for job, g in zip(jobs, got, strict=True):
+        steps = [(job.plan, job.axis, job.role, job.channels)] + ([job.also + ("last",)] if job.also else [])
+        want = expected_two(job.x, steps) if job.also else split(job.x, job.plan, job.axis, role=job.role)
+        close(g, want, job.x.dtype.name)
+
+
+def test_mlp_keeps_its_function_with_a_kernel_split_on_both_axes(cpu_backend):
+    """x -> Dense(h1) -> relu -> Dense(h2) -> relu -> Dense(out): the middle kernel consumes P and produces Q."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((64, 10))
+    w1, b1 = rng.standard_normal((10, 17)), rng.standard_normal(17)
+    w2, b2 = rng.standard_normal((17, 13)), rng.standard_normal(13)
+    w3, b3 = rng.standard_normal((13, 4)), rng.standard_normal(4)
+
+    def mlp(w1, b1, w2, b2, w3, b3):
+        return np.maximum(np.maximum(x @ w1 + b1, 0) @ w2 + b2, 0) @ w3 + b3
+
+    before = mlp(w1, b1, w2, b2, w3, b3)
+    p = plan(17, rng.integers(0, 17, 9), copies=3, symmetry="none")
+    q = plan(13, [0, 5, 12], ratios=[0.3, 0.7], symmetry="none")
+    w1n, b1n, w2n, b2n, w3n = split_many(
+        [Job(w1, p, -1, "incoming"), Job(b1, p, 0, "bias"), Job(w2, p, 0, "outgoing", also=(q, 1, "incoming")),
+         Job(b2, q, 0, "bias"), Job(w3, q, 0, "outgoing")], backend=cpu_backend)
+    assert w2n.shape == (p.new_width, q.new_width)
+    np.testing.assert_allclose(mlp(w1n, b1n, w2n, b2n, w3n, b3), before, rtol=1e-12, atol=1e-12)
+
+
+BAD_TWO = [
+    (dict(also=(plan(4), 1, "copy")), "the two axes of a job must differ, got axis -1 and also axis 1"),
+    (dict(also=(plan(4), -1, "copy")), "the two axes of a job must differ"),
+    (dict(also=(plan(6), 0)), "also must be None or a tuple"),
+    (dict(also=plan(6)), "also must be None or a tuple"),
+    (dict(also=("plan", 0, "copy")), "also: plan must be a SplitPlan or CompactPlan"),
+    (dict(also=(plan(6), 0, "weights")), "also: role must be one of"),
+    (dict(also=(plan(6), 0, "copy", "middle")), "also: channels must be 'last' or 'first'"),
+    (dict(also=(plan(6), 5, "copy")), "also: axis 5 is out of range"),
+    (dict(also=(plan(6), 0.0, "copy")), "also: axis must be an integer"),
+    (dict(also=(plan(4), 0, "copy")), "also: axis 0 has length 6, which is neither the plan width 4"),
+    (dict(also=(plan(6), 0, "copy"), out=np.zeros((6, 8), np.float32)), r"out has shape \(6, 8\), expected \(12, 8\)"),
+    (dict(also=(fastsplit.compact_plan(6, merge={0: [1]}), 0, "outgoing")), "also: .*compact_many"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", BAD_TWO)
+def test_bad_two_axis_jobs_raise_and_leave_the_inputs_untouched(cpu_backend, kwargs, match):
+    x = np.random.default_rng(13).standard_normal((6, 4)).astype(np.float32)
+    before = x.copy()
+    out = kwargs.get("out")
+    out_before = None if out is None else out.copy()
+    with pytest.raises(SplitError, match=match):
+        split(x, plan(4), -1, backend=cpu_backend, **kwargs)
+    same_bits(x, before)
+    if out is not None:
+        same_bits(out, out_before)
+    good_out = np.full((6, 8), 7.0, np.float32)
+    with pytest.raises(SplitError, match="job 1: "):
+        split_many([Job(x, plan(4), out=good_out), Job(x, plan(4), **kwargs)], backend=cpu_backend)
+    same_bits(x, before)
+    assert (good_out == 7).all()

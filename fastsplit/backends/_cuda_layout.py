@@ -3,11 +3,18 @@
 ``kernels/split.cu`` reads everything but the tensors from one device byte
 buffer, the *blob*, built here and copied to the device in one transfer:
 
-- at offset 0 the descriptor table, one row of :data:`FIELDS` (16 int64) per
+- at offset 0 the descriptor table, one row of :data:`FIELDS` (24 int64) per
   task, in tile order;
 - then, each at a 16-byte aligned offset, the per-column arrays the rows refer
   to by byte offset: ``src`` and ``run`` (int64), ``scale`` and ``add`` (the
-  compute dtype), ``noise`` (float64).
+  compute dtype), ``noise`` (float64); for a task split on two axes also the
+  arrays of its second gather (``rsrc``, ``rscale``, ``radd``, ``rnoise``).
+
+A task split on two axes (:class:`RowSpec`) reads a 5-D view ``(outer, nA, mid,
+n, inner)`` of x. Its descriptor describes the output as ``outer * mA * mid``
+rows of ``(m, inner)``: ``outer`` holds that row count, ``n``/``m``/``src``/...
+the gather along the columns, and ``na``/``ma``/``mid``/``rsrc``/... the gather
+that picks the row of x each output row reads.
 
 Tasks of one plan share their ``src``/``run`` arrays (same ``src`` object), so a
 growth event moves a few kilobytes of index data, not one array per tensor.
@@ -22,11 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._core import column_runs
+from ..plan import column_runs
 
 #: descriptor fields, in the order of ``struct Desc`` in kernels/split.cu
 FIELDS = ("x", "out", "outer", "n", "m", "inner", "src", "run", "scale", "add", "noise", "key",
-          "tile_start", "total", "flags", "pad")
+          "tile_start", "total", "flags", "pad", "na", "ma", "mid", "rsrc", "rscale", "radd", "rnoise", "rkey")
 F = {name: k for k, name in enumerate(FIELDS)}
 DESC_BYTES = 8 * len(FIELDS)
 ALIGN = 16
@@ -37,6 +44,29 @@ F_ADD = 2
 F_NOISE = 4
 F_XALIGN = 8
 F_OALIGN = 16
+F_TWO = 32
+F_RFIRST = 64
+F_RSCALE = 128
+F_RADD = 256
+F_RNOISE = 512
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """The gather along axis 1 of a two-axis task's 5-D view ``(outer, na, mid, n, inner)``.
+
+    ``first`` is True when this gather is the job's first step, False when the
+    gather along the columns is.
+    """
+
+    na: int
+    mid: int
+    src: np.ndarray
+    scale: np.ndarray
+    add: np.ndarray | None = None
+    noise: np.ndarray | None = None
+    key: int = 0
+    first: bool = True
 
 
 @dataclass(frozen=True)
@@ -44,7 +74,8 @@ class TaskSpec:
     """What the layout needs from one task: addresses, the 3-D shape and the column arrays.
 
     ``x`` and ``out`` are device addresses of C-contiguous ``(outer, n, inner)``
-    and ``(outer, m, inner)`` arrays, ``m == len(src)``.
+    and ``(outer, m, inner)`` arrays, ``m == len(src)``; with ``rows`` set, of
+    ``(outer, rows.na, rows.mid, n, inner)`` and ``(outer, len(rows.src), rows.mid, m, inner)``.
     """
 
     x: int
@@ -58,6 +89,13 @@ class TaskSpec:
     add: np.ndarray | None = None
     noise: np.ndarray | None = None
     key: int = 0
+    rows: RowSpec | None = None
+
+    @property
+    def out_rows(self) -> int:
+        """Rows of ``(m, inner)`` in the output: ``outer``, times ``mA * mid`` for a two-axis task."""
+        r = self.rows
+        return int(self.outer) if r is None else int(self.outer) * int(np.shape(r.src)[0]) * int(r.mid)
 
 
 @dataclass(frozen=True)
@@ -80,7 +118,7 @@ class Layout:
 
     @property
     def table(self) -> np.ndarray:
-        """The descriptor table as an ``int64[ntasks, 16]`` view of the blob."""
+        """The descriptor table as an ``int64[ntasks, len(FIELDS)]`` view of the blob."""
         return self.blob[: self.ntasks * DESC_BYTES].view(np.int64).reshape(self.ntasks, len(FIELDS))
 
 
@@ -143,7 +181,7 @@ def build(specs: Sequence[TaskSpec], *, itemsize: int, compute, threads: int, it
         ValueError: a spec whose arrays do not match its shape or whose ``src``
             points outside ``[0, n)`` (the kernel would read out of bounds).
 
-    Cost: O(total columns) numpy work; the blob holds 128 bytes per task plus
+    Cost: O(total columns) numpy work; the blob holds 192 bytes per task plus
     the column arrays (shared ``src`` objects are stored once).
     """
     compute = np.dtype(compute)
@@ -152,7 +190,7 @@ def build(specs: Sequence[TaskSpec], *, itemsize: int, compute, threads: int, it
     if itemsize not in (2, 4, 8):
         raise ValueError(f"itemsize must be 2, 4 or 8, got {itemsize}")
     tile = tile_elems(itemsize, threads, items)
-    order = tuple(k for k, s in enumerate(specs) if s.outer * s.m * s.inner > 0)
+    order = tuple(k for k, s in enumerate(specs) if s.out_rows * s.m * s.inner > 0)
     ntasks = len(order)
     table = np.zeros((ntasks, len(FIELDS)), dtype=np.int64)
     blob = _Blob(ntasks * DESC_BYTES)
@@ -171,31 +209,66 @@ def build(specs: Sequence[TaskSpec], *, itemsize: int, compute, threads: int, it
             arr = getattr(s, name)
             if arr is not None and np.shape(arr) != (m,):
                 raise ValueError(f"task {k}: {name} must have shape ({m},), got {np.shape(arr)}")
-        if id(s.src) not in shared:
-            keep.append(s.src)
-            shared[id(s.src)] = (blob.put(src.astype(np.int64)), blob.put(run_remaining(src)))
-        src_off, run_off = shared[id(s.src)]
-        flags = 0
-        scale = np.asarray(s.scale, dtype=np.float64).astype(compute)
-        scale_off = add_off = noise_off = 0
-        if np.any(scale != 1):
-            flags |= F_SCALE
-            scale_off = blob.put(scale)
-        if s.add is not None:
-            flags |= F_ADD
-            add_off = blob.put(np.asarray(s.add, dtype=np.float64).astype(compute))
-        if s.noise is not None:
-            flags |= F_NOISE
-            noise_off = blob.put(np.asarray(s.noise, dtype=np.float64))
+        src_off, run_off = _put_src(blob, shared, keep, s.src, src)
+        flags, scale_off, add_off, noise_off = _put_vectors(blob, compute, s.scale, s.add, s.noise,
+                                                            (F_SCALE, F_ADD, F_NOISE))
         if s.x % ALIGN == 0:
             flags |= F_XALIGN
         if s.out % ALIGN == 0:
             flags |= F_OALIGN
-        total = int(s.outer) * m * int(s.inner)
+        rows = (0,) * 8
+        if s.rows is not None:
+            r = s.rows
+            rsrc = np.asarray(r.src)
+            ma = rsrc.shape[0] if rsrc.ndim == 1 else -1
+            if ma < 1 or not np.issubdtype(rsrc.dtype, np.integer):
+                raise ValueError(f"task {k}: rows.src must be a non-empty 1-D integer array, got {rsrc.dtype} "
+                                 f"{rsrc.shape}")
+            if r.na < 1 or r.mid < 1 or rsrc.min() < 0 or rsrc.max() >= r.na:
+                raise ValueError(f"task {k}: rows.src must lie in [0, {r.na}) and mid must be positive")
+            for name in ("scale", "add", "noise"):
+                arr = getattr(r, name)
+                if arr is not None and np.shape(arr) != (ma,):
+                    raise ValueError(f"task {k}: rows.{name} must have shape ({ma},), got {np.shape(arr)}")
+            rsrc_off, _ = _put_src(blob, shared, keep, r.src, rsrc)
+            rflags, rscale_off, radd_off, rnoise_off = _put_vectors(blob, compute, r.scale, r.add, r.noise,
+                                                                    (F_RSCALE, F_RADD, F_RNOISE))
+            flags |= F_TWO | rflags | (F_RFIRST if r.first else 0)
+            rows = (r.na, ma, r.mid, rsrc_off, rscale_off, radd_off, rnoise_off, _key_bits(r.key))
+        total = s.out_rows * m * int(s.inner)
         table[row] = (
-            s.x, s.out, s.outer, s.n, m, s.inner, src_off, run_off, scale_off, add_off, noise_off,
-            np.array(int(s.key) % (1 << 64), dtype=np.uint64).view(np.int64), tiles, total, flags, 0,
+            s.x, s.out, s.out_rows, s.n, m, s.inner, src_off, run_off, scale_off, add_off, noise_off,
+            _key_bits(s.key), tiles, total, flags, 0, *rows,
         )
         tiles += -(-total // tile)
     data = np.concatenate([table.view(np.uint8).reshape(-1)] + blob.parts) if ntasks else np.zeros(0, np.uint8)
     return Layout(blob=data, ntasks=ntasks, total_tiles=tiles, tile_elems=tile, order=order)
+
+
+def _key_bits(key: int) -> np.int64:
+    return np.array(int(key) % (1 << 64), dtype=np.uint64).view(np.int64)
+
+
+def _put_src(blob: _Blob, shared: dict, keep: list, obj, src: np.ndarray) -> tuple[int, int]:
+    """Blob offsets of ``src`` and its runs, stored once per ``src`` object."""
+    if id(obj) not in shared:
+        keep.append(obj)
+        shared[id(obj)] = (blob.put(src.astype(np.int64)), blob.put(run_remaining(src)))
+    return shared[id(obj)]
+
+
+def _put_vectors(blob: _Blob, compute, scale, add, noise, bits) -> tuple[int, int, int, int]:
+    """``(flags, scale, add, noise offsets)`` of one gather's vectors; an all-one scale is left out."""
+    flags = 0
+    scale = np.asarray(scale, dtype=np.float64).astype(compute)
+    scale_off = add_off = noise_off = 0
+    if np.any(scale != 1):
+        flags |= bits[0]
+        scale_off = blob.put(scale)
+    if add is not None:
+        flags |= bits[1]
+        add_off = blob.put(np.asarray(add, dtype=np.float64).astype(compute))
+    if noise is not None:
+        flags |= bits[2]
+        noise_off = blob.put(np.asarray(noise, dtype=np.float64))
+    return flags, scale_off, add_off, noise_off

@@ -5,7 +5,10 @@ once per dtype, and cached by CuPy (in memory and on disk); a fatbin built by
 ``make kernels`` is used instead when it matches the source. Tasks are grouped
 by device and dtype; each group becomes one byte buffer (descriptor table +
 column arrays, see :mod:`fastsplit.backends._cuda_layout`), one host-to-device
-copy and one launch on the current stream. CuPy is imported on first use only.
+copy and one launch on the current stream. Tasks split on two axes
+(``Task.rows``) go to a kernel of their own (``fastsplit_split2``), one more
+launch per dtype when a batch holds them, so the one-axis kernel is compiled
+exactly as it is without them. CuPy is imported on first use only.
 Tuning constants (``CUDA_*``) live in :mod:`fastsplit._config` and are read at
 call time, so tests can shrink them.
 """
@@ -134,8 +137,11 @@ def _fatbin(threads: int, items: int):
     return path, manifest
 
 
-def _load(dtype: str, threads: int, items: int):
-    """The kernel function for ``dtype`` on the current device (compiled on first use)."""
+def _load(dtype: str, threads: int, items: int, two: bool = False):
+    """The kernel function for ``dtype`` on the current device (compiled on first use).
+
+    ``two`` picks the kernel of tasks split on two axes (``fastsplit_split2``).
+    """
     import cupy
 
     found = _fatbin(threads, items)
@@ -145,22 +151,22 @@ def _load(dtype: str, threads: int, items: int):
             mod = _modules.get(str(path))
             if mod is None:
                 mod = _modules[str(path)] = cupy.RawModule(path=str(path))
-            return mod.get_function(manifest["kernels"][dtype])
+            return mod.get_function(manifest["kernels2" if two else "kernels"][dtype])
         except Exception as exc:  # e.g. no code for this GPU's architecture, driver older than nvcc
             warnings.warn(f"cannot load {path} ({type(exc).__name__}: {exc}); compiling with NVRTC", stacklevel=3)
-    name = f"fastsplit_split<{DTYPES[dtype][1]}>"
+    name = f"fastsplit_split{'2' if two else ''}<{DTYPES[dtype][1]}>"
     options = ("-std=c++17", f"-DFS_THREADS={threads}", f"-DFS_ITEMS={items}")
     mod = cupy.RawModule(code=kernel_source(), options=options, name_expressions=[name])
     return mod.get_function(name)
 
 
-def _kernel(dtype: str, threads: int, items: int):
+def _kernel(dtype: str, threads: int, items: int, two: bool = False):
     import cupy
 
-    key = (cupy.cuda.Device().id, dtype, threads, items)
+    key = (cupy.cuda.Device().id, dtype, threads, items) + (("two",) if two else ())
     fn = _kernels.get(key)
     if fn is None:
-        fn = _kernels[key] = _load(dtype, threads, items)
+        fn = _kernels[key] = _load(dtype, threads, items, two)
     return fn
 
 
@@ -178,12 +184,19 @@ def _check(task, index: int):
     x, out = task.x, task.out
     if not isinstance(x, cupy.ndarray) or not isinstance(out, cupy.ndarray):
         raise SplitError(f"task {index}: the cupy backend needs CuPy arrays, got {type(x).__name__} and {type(out).__name__}")
-    if x.ndim != 3 or out.ndim != 3:
-        raise SplitError(f"task {index}: x and out must be 3-D views, got shapes {x.shape} and {out.shape}")
     m = int(np.shape(task.src)[0])
-    outer, _, inner = x.shape
-    if out.shape != (outer, m, inner):
-        raise SplitError(f"task {index}: out has shape {out.shape}, expected {(outer, m, inner)}")
+    if task.rows is None:
+        if x.ndim != 3 or out.ndim != 3:
+            raise SplitError(f"task {index}: x and out must be 3-D views, got shapes {x.shape} and {out.shape}")
+        outer, _, inner = x.shape
+        want = (outer, m, inner)
+    else:
+        if x.ndim != 5 or out.ndim != 5:
+            raise SplitError(f"task {index}: a two-axis task needs 5-D views, got shapes {x.shape} and {out.shape}")
+        outer, _, mid, _, inner = x.shape
+        want = (outer, int(np.shape(task.rows.src)[0]), mid, m, inner)
+    if out.shape != want:
+        raise SplitError(f"task {index}: out has shape {out.shape}, expected {want}")
     if x.dtype not in storage or out.dtype != x.dtype:
         want = " or ".join(str(d) for d in storage)
         raise SplitError(f"task {index}: {task.dtype} arrays must be stored as {want}, got {x.dtype} and {out.dtype}")
@@ -194,10 +207,17 @@ def _check(task, index: int):
 
 
 def _spec(task) -> _cuda_layout.TaskSpec:
-    outer, n, inner = (int(s) for s in task.x.shape)
+    shape = tuple(int(s) for s in task.x.shape)
+    rows = None
+    if task.rows is not None:
+        r = task.rows
+        rows = _cuda_layout.RowSpec(na=shape[1], mid=shape[2], src=r.src, scale=r.scale, add=r.add, noise=r.noise,
+                                    key=int(r.key), first=bool(r.first))
+        shape = (shape[0], shape[3], shape[4])
+    outer, n, inner = shape
     return _cuda_layout.TaskSpec(
-        x=int(task.x.data.ptr), out=int(task.out.data.ptr), outer=outer, n=n, m=int(task.out.shape[1]),
-        inner=inner, src=task.src, scale=task.scale, add=task.add, noise=task.noise, key=int(task.key),
+        x=int(task.x.data.ptr), out=int(task.out.data.ptr), outer=outer, n=n, m=int(np.shape(task.src)[0]),
+        inner=inner, src=task.src, scale=task.scale, add=task.add, noise=task.noise, key=int(task.key), rows=rows,
     )
 
 
@@ -208,27 +228,27 @@ def prepare(tasks) -> list:
     :func:`run` does just that. Split out so benchmarks can time the kernels
     apart from the host work.
 
-    Cost: per (device, dtype) group, O(columns) numpy work to lay out the blob,
-    one host-to-device copy of it (128 bytes per task plus the column arrays)
-    and, on first use per dtype, compiling the kernel (about a second; CuPy
-    caches it on disk).
+    Cost: per (device, dtype, one or two axes) group, O(columns) numpy work to
+    lay out the blob, one host-to-device copy of it (192 bytes per task plus
+    the column arrays) and, on first use per dtype, compiling the kernel (about
+    a second; CuPy caches it on disk).
     """
     import cupy
 
     groups: dict = {}
     for index, task in enumerate(tasks):
         _check(task, index)
-        groups.setdefault((task.x.device.id, task.dtype), []).append(task)
+        groups.setdefault((task.x.device.id, task.dtype, task.rows is not None), []).append(task)
     threads, items = int(_config.CUDA_THREADS_PER_BLOCK), int(_config.CUDA_VECTORS_PER_THREAD)
     launchers = []
-    for (device, dtype), group in groups.items():
+    for (device, dtype, two), group in groups.items():
         storage, _, compute = DTYPES[dtype]
         layout = _cuda_layout.build([_spec(t) for t in group], itemsize=storage[0].itemsize, compute=compute,
                                     threads=threads, items=items)
         if layout.total_tiles == 0:
             continue
         with cupy.cuda.Device(device):
-            fn = _kernel(dtype, threads, items)
+            fn = _kernel(dtype, threads, items, two)
             blob = cupy.asarray(layout.blob)
         grid = int(min(layout.total_tiles, _config.CUDA_MAX_BLOCKS))
         args = (blob, np.int64(layout.ntasks), np.int64(layout.total_tiles))
@@ -244,7 +264,7 @@ def _launch_on(device, fn, grid: int, block: int, args: tuple) -> None:
 
 
 def run(tasks) -> None:
-    """Write every task's ``out``: one launch per (device, dtype) on the current stream.
+    """Write every task's ``out``: one launch per (device, dtype) on the current stream (two with two-axis tasks).
 
     Cost: :func:`prepare`, then kernels that read each gathered element once
     and write each output element once. Does not synchronise.

@@ -2,13 +2,19 @@
 
 The wrapper (:func:`run`) does everything that depends only on shapes and the
 plan in numpy: it concatenates the per-column vectors of all tasks, turns each
-task's :func:`~fastsplit._core.column_runs` into *segments* (a long run is
+task's :func:`~fastsplit.plan.column_runs` into *segments* (a long run is
 copied as a block, neighbouring short runs are merged and gathered through
 ``src``), cuts every task into *boxes* of at most ``_config.CPU_CHUNK_BYTES``
 output bytes and groups the boxes into *parts* of about that size. The kernel
 (:func:`_kernel`) is one ``prange`` over the parts; work smaller than
 ``_config.CPU_PARALLEL_MIN_BYTES`` runs the same loop on the calling thread
 (:func:`_kernel_serial`).
+
+A task split on two axes (``Task.rows``, a 5-D view ``(outer, nA, mid, n, inner)``)
+is the same gather along its columns, over ``outer * mA * mid`` output rows that
+each read a gathered row of x (:func:`_box2_plain`, :func:`_box2_general`): the
+same segments and boxes, so block copies of whole runs stay block copies, and
+it runs in the same parallel region as the one-axis tasks.
 
 Arrays of many shapes reach the kernel as a table of data addresses, which the
 kernel views with ``numba.carray``. A ``numba.typed.List`` of 1-D views was
@@ -58,7 +64,7 @@ from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
 
 from .. import _config, _noise
-from .._core import column_runs
+from ..plan import column_runs
 
 __all__ = ["available", "run"]
 
@@ -104,9 +110,14 @@ _PROTO = {name: np.empty(0, dtype=st) for name, (st, _) in _TYPES.items()}
 
 _ADD = 1  # task flag: add[j] is added
 _NOISE = 2  # task flag: noise[j] * gauss is added
+_FIRST = 4  # row flag of a two-axis task: the gather along the rows is the first step
 
-# columns of the tables the wrapper builds
-_SHAPE_COLS = 8  # outer, n, m, inner, first column in the concatenated vectors, first segment, end segment, flags
+# columns of the tables the wrapper builds: outer, n, m, inner, first column in the concatenated vectors,
+# first segment, end segment, flags; then for a two-axis task (column 8 set): nA, mA, mid, first row in the
+# concatenated row vectors, row flags; and for every task the rows of x (column 14). A two-axis task's
+# (outer, n, m, inner) are those of its output seen as (outer * mA * mid, m, inner).
+_SHAPE_COLS = 16
+_TWO, _NA, _MA, _MID, _R0, _RFLAGS, _XROWS = 8, 9, 10, 11, 12, 13, 14
 _WORK_COLS = 7  # task, o0, o1, j0, j1, i0, i1
 
 
@@ -409,50 +420,197 @@ def _box_general(x, out, proto, n, m, inner, c0, src, scale, add, noise, key, fl
                 out[os + i] = _narrow(y, proto)
 
 
+# --------------------------------------------------------------------------- two-axis tasks
+#
+# A two-axis task's output, seen as rows of (m, inner), is a one-axis gather along the columns whose
+# rows are themselves gathered: output row r = (o, a, q) of (outer, mA, mid) reads x row
+# (o, rsrc[a], q) of (outer, nA, mid). The column segments and boxes are those of a one-axis task
+# with outer * mA * mid rows; each row adds one factor (rscale[a]), applied before or after the
+# column factor with the first step's result rounded to the dtype in between, as two splits would.
+
+
+@_jit
+def _row_of(r, na, ma, mid, r0, rsrc):
+    """(a, x row) of output row ``r`` of a two-axis task: its unit along the rows and the row of x it reads."""
+    mm = ma * mid
+    o = r // mm
+    rem = r - o * mm
+    a = rem // mid
+    q = rem - a * mid
+    return a, (o * na + rsrc[r0 + a]) * mid + q
+
+
+@_jit
+def _two(v, fc, fr, mode, proto):
+    """A stored element times two factors, as two splits: ``mode`` 0 one step (``fr`` is 1), 1 rows first, 2 columns first."""
+    if mode == 0:
+        return _narrow(_widen(v) * fc, proto)
+    if mode == 1:
+        return _narrow(_widen(_narrow(_widen(v) * fr, proto)) * fc, proto)
+    return _narrow(_widen(_narrow(_widen(v) * fc, proto)) * fr, proto)
+
+
+@_jit
+def _box2_plain(x, out, proto, n, m, inner, c0, src, scale, segs, s0, s1, o0, o1, j0, j1, i0, i1,
+                na, ma, mid, r0, rsrc, rscale, rows_first):
+    """:func:`_box_plain` for a two-axis task (no add, no noise on either axis): one row factor more.
+
+    A row whose factor is 1 (an unsplit unit of a scaled role, or any unit of an unscaled one)
+    is a one-axis row: multiplying by 1 and rounding a stored value are exact.
+    """
+    for r in range(o0, o1):
+        a_, xr = _row_of(r, na, ma, mid, r0, rsrc)
+        xrow = x[xr * n * inner : (xr + 1) * n * inner]
+        orow = out[r * m * inner : (r + 1) * m * inner]
+        fr = rscale[r0 + a_]
+        mode = 0 if fr == 1 else (1 if rows_first else 2)
+        for g in range(s0, s1):
+            d = segs[g, 0]
+            a = max(d, j0)
+            b = min(d + segs[g, 2], j1)
+            if a >= b:
+                continue
+            block = segs[g, 3] == 0
+            s = segs[g, 1] - d
+            sc = scale[c0 + a : c0 + b]
+            if inner == 1:
+                dst = orow[a:b]
+                if block:  # one loop per mode: each vectorises
+                    blk = xrow[a + s : b + s]
+                    if mode == 0:
+                        for k in range(b - a):
+                            dst[k] = _narrow(_widen(blk[k]) * sc[k], proto)
+                    elif mode == 1:
+                        for k in range(b - a):
+                            dst[k] = _narrow(_widen(_narrow(_widen(blk[k]) * fr, proto)) * sc[k], proto)
+                    else:
+                        for k in range(b - a):
+                            dst[k] = _narrow(_widen(_narrow(_widen(blk[k]) * sc[k], proto)) * fr, proto)
+                else:
+                    idx = src[c0 + a : c0 + b]
+                    for k in range(b - a):
+                        dst[k] = _two(xrow[np.uint64(idx[k])], sc[k], fr, mode, proto)
+            else:
+                for k in range(b - a):
+                    sj = a + k + s if block else src[c0 + a + k]
+                    f = sc[k]
+                    col = xrow[sj * inner + i0 : sj * inner + i1]
+                    dst = orow[(a + k) * inner + i0 : (a + k) * inner + i1]
+                    for i in range(i1 - i0):
+                        dst[i] = _two(col[i], f, fr, mode, proto)
+
+
+@_jit
+def _step(y, f, with_add, a, with_noise, sd, key, idx, like):
+    """One step of :func:`_box_general` on a compute-dtype value: ``y * f (+ a) (+ sd * gauss(key, idx))``."""
+    y = y * f
+    if with_add:
+        y = y + a
+    if with_noise and (sd != 0.0 or y == 0.0):
+        y = y + _like(sd * _gauss(key, np.uint64(idx)), like)
+    return y
+
+
+@_jit
+def _box2_general(x, out, proto, n, m, inner, c0, src, scale, add, noise, key, flags, o0, o1, j0, j1, i0, i1,
+                  na, ma, mid, r0, rsrc, rscale, radd, rnoise, rkey, rflags):
+    """:func:`_box_general` for a two-axis task, element by element.
+
+    A step's noise index is the element's flat index in that step's result: the
+    intermediate ``(outer, mA, mid, n, inner)`` (rows first) or ``(outer, nA, mid, m, inner)``
+    (columns first) for the first step, ``out`` for the second.
+    """
+    c_add = (flags & _ADD) != 0
+    c_noise = (flags & _NOISE) != 0
+    r_add = (rflags & _ADD) != 0
+    r_noise = (rflags & _NOISE) != 0
+    rows_first = (rflags & _FIRST) != 0
+    zero = _like(0.0, scale)
+    for r in range(o0, o1):
+        a_, xr = _row_of(r, na, ma, mid, r0, rsrc)
+        fr = rscale[r0 + a_]
+        ar = radd[r0 + a_] if r_add else zero
+        sr = rnoise[r0 + a_] if r_noise else 0.0
+        for j in range(j0, j1):
+            fc = scale[c0 + j]
+            ac = add[c0 + j] if c_add else zero
+            sc = noise[c0 + j] if c_noise else 0.0
+            sj = src[c0 + j]
+            xs = (xr * n + sj) * inner
+            os = (r * m + j) * inner
+            first = (r * n + sj) * inner if rows_first else (xr * m + j) * inner
+            for i in range(i0, i1):
+                y = _widen(x[xs + i])
+                if rows_first:
+                    y = _step(y, fr, r_add, ar, r_noise, sr, rkey, first + i, scale)
+                    y = _widen(_narrow(y, proto))
+                    y = _step(y, fc, c_add, ac, c_noise, sc, key, os + i, scale)
+                else:
+                    y = _step(y, fc, c_add, ac, c_noise, sc, key, first + i, scale)
+                    y = _widen(_narrow(y, proto))
+                    y = _step(y, fr, r_add, ar, r_noise, sr, rkey, os + i, scale)
+                out[os + i] = _narrow(y, proto)
+
+
 def _signatures():
     sigs = []
     for storage, compute in _TYPES.values():
         st = numba.from_dtype(storage)
         ct = numba.from_dtype(compute)
-        i1, i2 = types.int64[::1], types.int64[:, ::1]
+        i1, i2, u1, f1 = types.int64[::1], types.int64[:, ::1], types.uint64[::1], types.float64[::1]
         sigs.append(
             types.void(
-                st[::1], i1, i1, i2, types.uint64[::1], i1, ct[::1], ct[::1], types.float64[::1], i2, i2, i1
+                st[::1], i1, i1, i2, u1, i1, ct[::1], ct[::1], f1, i2, i2, i1,  # one axis (and columns)
+                u1, i1, ct[::1], ct[::1], f1,  # rows of two-axis tasks: keys, src, scale, add, noise
             )
         )
     return sigs
 
 
 @_jit
-def _part(p, proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts):
+def _part(p, proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts,
+          rkeys, rsrc, rscale, radd, rnoise):
     """The boxes ``work[parts[p]:parts[p+1]]``."""
     for w in range(parts[p], parts[p + 1]):
         t = work[w, 0]
         outer, n, m, inner = shape[t, 0], shape[t, 1], shape[t, 2], shape[t, 3]
         c0, flags = shape[t, 4], shape[t, 7]
-        x = numba.carray(_pointer(xaddr[t], proto), outer * n * inner)
+        x = numba.carray(_pointer(xaddr[t], proto), shape[t, _XROWS] * n * inner)
         out = numba.carray(_pointer(oaddr[t], proto), outer * m * inner)
         o0, o1, j0, j1, i0, i1 = work[w, 1], work[w, 2], work[w, 3], work[w, 4], work[w, 5], work[w, 6]
-        if flags == 0:
-            _box_plain(x, out, proto, n, m, inner, c0, src, scale, segs, shape[t, 5], shape[t, 6],
-                       o0, o1, j0, j1, i0, i1)
+        if shape[t, _TWO] == 0:
+            if flags == 0:
+                _box_plain(x, out, proto, n, m, inner, c0, src, scale, segs, shape[t, 5], shape[t, 6],
+                           o0, o1, j0, j1, i0, i1)
+            else:
+                _box_general(x, out, proto, n, m, inner, c0, src, scale, add, noise, keys[t], flags,
+                             o0, o1, j0, j1, i0, i1)
+            continue
+        na, ma, mid, r0, rflags = shape[t, _NA], shape[t, _MA], shape[t, _MID], shape[t, _R0], shape[t, _RFLAGS]
+        if flags == 0 and (rflags & (_ADD | _NOISE)) == 0:
+            _box2_plain(x, out, proto, n, m, inner, c0, src, scale, segs, shape[t, 5], shape[t, 6],
+                        o0, o1, j0, j1, i0, i1, na, ma, mid, r0, rsrc, rscale, (rflags & _FIRST) != 0)
         else:
-            _box_general(x, out, proto, n, m, inner, c0, src, scale, add, noise, keys[t], flags,
-                         o0, o1, j0, j1, i0, i1)
+            _box2_general(x, out, proto, n, m, inner, c0, src, scale, add, noise, keys[t], flags,
+                          o0, o1, j0, j1, i0, i1, na, ma, mid, r0, rsrc, rscale, radd, rnoise, rkeys[t], rflags)
 
 
 @_jit(_signatures(), parallel=True)
-def _kernel(proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts):
+def _kernel(proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts,
+            rkeys, rsrc, rscale, radd, rnoise):
     """Every box of every task in one parallel region, ``prange`` over the parts."""
     for p in prange(parts.shape[0] - 1):
-        _part(p, proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts)
+        _part(p, proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts,
+              rkeys, rsrc, rscale, radd, rnoise)
 
 
 @_jit(_signatures())
-def _kernel_serial(proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts):
+def _kernel_serial(proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts,
+                   rkeys, rsrc, rscale, radd, rnoise):
     """:func:`_kernel` on the calling thread, for work too small to wake other threads for."""
     for p in range(parts.shape[0] - 1):
-        _part(p, proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts)
+        _part(p, proto, xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts,
+              rkeys, rsrc, rscale, radd, rnoise)
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -545,8 +703,14 @@ def _check(t) -> tuple:
     if not isinstance(x, np.ndarray) or not isinstance(out, np.ndarray):
         raise TypeError(f"the numba backend takes numpy arrays, got {type(x).__name__} and {type(out).__name__}")
     m = t.src.shape[0]
-    if x.ndim != 3 or out.ndim != 3 or out.shape != (x.shape[0], m, x.shape[2]):
-        raise ValueError(f"task shapes do not match: x {x.shape}, out {out.shape}, {m} new units")
+    r = t.rows
+    if r is None:
+        if x.ndim != 3 or out.ndim != 3 or out.shape != (x.shape[0], m, x.shape[2]):
+            raise ValueError(f"task shapes do not match: x {x.shape}, out {out.shape}, {m} new units")
+    else:
+        ma = r.src.shape[0]
+        if x.ndim != 5 or out.shape != (x.shape[0], ma, x.shape[2], m, x.shape[4]):
+            raise ValueError(f"two-axis task shapes do not match: x {x.shape}, out {out.shape}, {ma} and {m} new units")
     ok = _DTYPE_OK.get((x.dtype, t.dtype))
     if ok is None:
         ok = _DTYPE_OK.setdefault((x.dtype, t.dtype), x.dtype.name in _NAMES[t.dtype])
@@ -557,7 +721,12 @@ def _check(t) -> tuple:
     if not out.flags.writeable:
         raise ValueError("task output is read-only")
     flags = (_ADD if t.add is not None else 0) | (_NOISE if t.noise is not None else 0)
-    row = (x.shape[0], x.shape[1], m, x.shape[2], flags)
+    if r is None:
+        row = (x.shape[0], x.shape[1], m, x.shape[2], flags, 0, 0, 0, 0, 0, x.shape[0])
+    else:
+        outer, na, mid, n, inner = x.shape
+        rflags = (_ADD if r.add is not None else 0) | (_NOISE if r.noise is not None else 0) | (_FIRST if r.first else 0)
+        row = (outer * ma * mid, n, m, inner, flags, 1, na, ma, mid, rflags, outer * na * mid)
     return row, x.__array_interface__["data"][0], out.__array_interface__["data"][0]
 
 
@@ -573,6 +742,7 @@ def _run_dtype(name: str, tasks: list) -> None:
     shape = np.zeros((count, _SHAPE_COLS), dtype=np.int64)
     shape[:, :4] = table[:, :4]
     shape[:, 7] = table[:, 4]
+    shape[:, [_TWO, _NA, _MA, _MID, _RFLAGS, _XROWS]] = table[:, 5:]
     m = shape[:, 2]
     shape[:, 4] = np.cumsum(m) - m
     xaddr = np.array([checked[i][1] for i in keep], dtype=np.int64)
@@ -608,9 +778,41 @@ def _run_dtype(name: str, tasks: list) -> None:
     shape[:, 6] = np.cumsum(seg_count)
     shape[:, 5] = shape[:, 6] - seg_count
 
+    rows = _row_vectors(tasks, shape, compute)
+
     work, parts, nbytes = _boxes(shape[:, 0], m, shape[:, 3], storage.itemsize, _config.CPU_CHUNK_BYTES)
     # the kernel only holds addresses; the caller's tasks keep the arrays alive until it returns
-    _launch((_PROTO[name], xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts), nbytes)
+    _launch((_PROTO[name], xaddr, oaddr, shape, keys, src, scale, add, noise, segs, work, parts) + rows, nbytes)
+
+
+def _row_vectors(tasks: list, shape: np.ndarray, compute) -> tuple:
+    """The row vectors of the two-axis tasks, concatenated: ``(keys, src, scale, add, noise)``; fills ``shape[:, _R0]``."""
+    keys = np.zeros(len(tasks), dtype=np.uint64)
+    two = np.flatnonzero(shape[:, _TWO])
+    if two.size == 0:
+        return keys, np.zeros(0, np.int64), np.zeros(0, compute), np.zeros(0, compute), np.zeros(0)
+    rows = [tasks[i].rows for i in two]
+    ma = shape[two, _MA]
+    r0 = np.cumsum(ma) - ma
+    shape[two, _R0] = r0
+    src = np.concatenate([r.src for r in rows]).astype(np.int64, copy=False)
+    if src.min() < 0 or np.any(np.maximum.reduceat(src, r0) >= shape[two, _NA]):
+        raise ValueError("a two-axis task's row src indexes outside its input")
+    scale = np.concatenate([r.scale for r in rows]).astype(compute)
+    add = np.zeros(0, dtype=compute)
+    noise = np.zeros(0)
+    if any(r.add is not None for r in rows):
+        add = np.zeros(src.shape[0], dtype=compute)
+        for k, r in enumerate(rows):
+            if r.add is not None:
+                add[r0[k] : r0[k] + ma[k]] = r.add
+    if any(r.noise is not None for r in rows):
+        noise = np.zeros(src.shape[0])
+        for k, r in enumerate(rows):
+            if r.noise is not None:
+                noise[r0[k] : r0[k] + ma[k]] = r.noise
+    keys[two] = [r.key for r in rows]
+    return keys, src, scale, add, noise
 
 
 def run(tasks) -> None:
