@@ -54,8 +54,8 @@ class GrowthEvent:
         keras_backend: ``"tensorflow"``, ``"jax"`` or ``"torch"``.
         tensors: how many tensors were split (weights, statistics and slots).
         bytes_new: bytes of the new tensors.
-        split_calls: how many ``split_many`` calls the event needed (2 when a
-            kernel is both a consumer and a producer).
+        split_calls: how many ``split_many`` (or ``compact_many``) calls the event needed:
+            1 (a kernel that is both a consumer and a producer is one two-axis job).
         kind: ``"split"`` (:func:`~fastsplit.keras.widen`), ``"prune"``
             (:func:`~fastsplit.keras.prune`; ``LayerGrowth.neurons`` lists the
             removed units) or ``"merge"`` (:func:`~fastsplit.keras.merge_twins`).

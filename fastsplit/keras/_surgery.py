@@ -354,74 +354,28 @@ def _out(arr, steps):
     return aligned_empty(tuple(shape), arr.dtype)
 
 
-#: kernels split on both axes need an intermediate array; they go through the second pass in
-#: chunks whose intermediates stay under this fraction of the event's new bytes, or under
-#: TEMP_MIN_BYTES when that is larger (at least one tensor per chunk)
-TEMP_FRACTION = 0.1
-TEMP_MIN_BYTES = 64 << 20
-
-
 def run_kernels(split: list, backend: str, run=None) -> int:
-    """Write every entry's new array into ``entry.value``; returns the number of ``run`` calls.
+    """Write every entry's new array into ``entry.value`` with one ``run`` call; returns 1.
 
     Each entry's steps read ``entry.base`` when it is set, else ``entry.native.array``. ``run`` makes the
     new arrays from a list of jobs: ``fastsplit.split_many`` when None (looked up at each call),
-    ``fastsplit.compact.compact_many`` for prune.
-
-    Tensors split on one axis (almost all) go in the first call. A kernel split on both axes (a
-    layer that consumes one group and produces another) needs two gathers; those run in chunks
-    (first axis, then second) so that few intermediates are alive at once.
+    ``fastsplit.compact.compact_many`` for prune and merge. A kernel that consumes one group and
+    produces another is one two-axis job (``Job.also``): gathered on both axes in one pass, with no
+    intermediate array.
     """
     if run is None:
         run = _core.split_many
-    one = [e for e in split if len(e.steps) == 1]
-    two = [e for e in split if len(e.steps) == 2]
-
-    def source(e):
-        return e.native.array if e.base is None else e.base
-
-    def job(x, e, k):
-        axis, plan, role, channels = e.steps[k]
-        return _core.Job(x, plan, axis, role, channels, _out(x, e.steps[k:k + 1]))
-
-    def nbytes(e, k):
-        shape = list(e.native.array.shape)
-        for axis, p, _r, _c in e.steps[: k + 1]:
-            shape[axis] = new_length(shape[axis], p)
-        return int(np.prod(shape)) * e.native.array.dtype.itemsize
-
-    total = sum(nbytes(e, len(e.steps) - 1) for e in split)
-    budget = max(TEMP_FRACTION * total, TEMP_MIN_BYTES)
-    chunks, cur, size = [], [], 0
-    for e in two:
-        b = nbytes(e, 0)
-        if cur and size + b > budget:
-            chunks.append(cur)
-            cur, size = [], 0
-        cur.append(e)
-        size += b
-    if cur or not chunks:
-        chunks.append(cur)
-    calls = 0
-    pending = one
-    for chunk in chunks:
-        jobs = [job(source(e), e, 0) for e in pending] + [job(source(e), e, 0) for e in chunk]
-        if not jobs:
-            continue
-        outs = run(jobs, backend=backend)
-        calls += 1
-        for e, arr in zip(pending, outs, strict=False):
-            e.value = arr
-        tmp = outs[len(pending):]
-        del outs
-        pending = []
-        if chunk:
-            outs2 = run([job(t, e, 1) for t, e in zip(tmp, chunk, strict=False)], backend=backend)
-            calls += 1
-            del tmp
-            for e, arr in zip(chunk, outs2, strict=False):
-                e.value = arr
-    return calls
+    jobs = []
+    for e in split:
+        x = e.native.array if e.base is None else e.base
+        (axis, plan, role, channels), *more = e.steps
+        also = (more[0][1], more[0][0], more[0][2], more[0][3]) if more else None
+        jobs.append(_core.Job(x, plan, axis, role, channels, _out(x, e.steps), also=also))
+    if not jobs:
+        return 0
+    for e, arr in zip(split, run(jobs, backend=backend), strict=True):
+        e.value = arr
+    return 1
 
 
 # -- the swap: widths, configs and shapes ------------------------------------------------------------------

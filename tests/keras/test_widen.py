@@ -225,25 +225,19 @@ def test_coupled_groups_residual():
     assert all(lg.new_width == 8 for lg in event.layers.values())
 
 
-def test_two_axis_kernels_in_chunks(monkeypatch):
-    """A kernel that consumes one split layer and produces another needs two gathers; with a tiny
-    temporary budget each such tensor gets its own pair of calls, with the same result."""
-    from fastsplit.keras import _surgery
-
+def test_two_axis_kernel_in_one_call():
+    """A kernel that consumes one split layer and produces another is one two-axis job: the whole
+    event is one split_many call, with the same result as splitting each axis on its own."""
     keras.utils.set_random_seed(7)
     model, x, _ = compiled("mlp")
     before = predict(model, x)
+    w = model.get_layer("h2").kernel.numpy()
     event = fk.widen(model, {"h1": [1, 4], "h2": None}, symmetry="none")
-    assert event.split_calls == 2
-    keras.utils.set_random_seed(7)
-    model2, _, _ = compiled("mlp")
-    monkeypatch.setattr(_surgery, "TEMP_FRACTION", 0.0)
-    monkeypatch.setattr(_surgery, "TEMP_MIN_BYTES", 0)
-    event2 = fk.widen(model2, {"h1": [1, 4], "h2": None}, symmetry="none")
-    assert event2.split_calls == 6  # h2 kernel, its m and v: a pair of calls each
-    for a, b in zip(model.weights, model2.weights, strict=False):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    assert rel_err(before, predict(model2, x)) <= TOL
+    assert event.split_calls == 1
+    p1, p2 = fastsplit.plan(w.shape[0], [1, 4], symmetry="none"), fastsplit.plan(w.shape[1], None, symmetry="none")
+    expected = fastsplit.split(fastsplit.split(w, p2, 1), p1, 0, role="outgoing")
+    np.testing.assert_array_equal(model.get_layer("h2").kernel.numpy(), expected)
+    assert rel_err(before, predict(model, x)) <= TOL
 
 
 def test_nudge_goes_to_batchnorm_beta_or_warns():
