@@ -18,12 +18,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/fastsplit demo
 
-# The whole suite under Keras' default backend (TensorFlow), then the Keras tests again
-# under JAX and PyTorch: Keras fixes its backend once per process.
+# The whole suite under Keras' default backend (TensorFlow), slow cases included (the big
+# keras.applications models), then the Keras tests again under JAX and PyTorch without the
+# slow cases: Keras fixes its backend once per process.
 test: $(STAMP)
 	$(PY) -m pytest
-	KERAS_BACKEND=jax $(PY) -m pytest tests/keras -q
-	KERAS_BACKEND=torch $(PY) -m pytest tests/keras -q
+	KERAS_BACKEND=jax $(PY) -m pytest tests/keras -q -m "not slow"
+	KERAS_BACKEND=torch $(PY) -m pytest tests/keras -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
