@@ -14,7 +14,7 @@ import numpy as np
 
 from ._errors import SplitError
 
-SYMMETRIES = ("none", "nudge", "noise")
+SYMMETRIES = ("none", "nudge", "noise", "asymmetric")
 
 _RATIO_SUM_TOL = 1e-6
 
@@ -172,6 +172,17 @@ class SplitPlan(AxisPlan):
 
         return key_from_seed(0 if self.seed is None else self.seed)
 
+    def scaled(self, scale) -> SplitPlan:
+        """This plan with each new unit's bias offset multiplied by ``scale[src[j]]``.
+
+        ``scale`` (``float[width]``, finite) is each old unit's own size, e.g. the norm of its
+        incoming weights: a ``"nudge"`` of ``eps`` becomes ``eps`` times that size.
+        """
+        scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+        if scale.shape != (self.width,) or not np.all(np.isfinite(scale)):
+            raise SplitError(f"scale must be {self.width} finite numbers, got shape {scale.shape}")
+        return dataclasses.replace(self, offset=self.offset * scale[self.src])
+
     def embed(self, total: int, offset: int) -> SplitPlan:
         """This plan placed at ``[offset, offset + width)`` of an axis of length ``total``.
 
@@ -260,10 +271,16 @@ def plan(
             to 1; equal shares by default. With repeated indices the shares
             are equal.
         symmetry: ``"none"`` (plain copies, exact), ``"nudge"`` (copy ``c`` of
-            ``k`` gets bias offset ``eps * (1 - 2c/(k-1))``) or ``"noise"``
+            ``k`` gets bias offset ``eps * (1 - 2c/(k-1))``), ``"noise"``
             (Gaussian noise ``sigma * std(column)`` on the extra copies'
-            incoming weights).
-        eps: bias offset of ``"nudge"``.
+            incoming weights) or ``"asymmetric"`` (LEMON-style unequal
+            outgoing shares, exact: copy ``c`` of ``k`` keeps ``(k - c) / (k(k+1)/2)``
+            of the outgoing weights, ``2/3`` and ``1/3`` for a pair, unless
+            ``ratios`` says otherwise; the copies' incoming weights then get
+            different gradients from the first step).
+        eps: bias offset of ``"nudge"`` (absolute; :meth:`SplitPlan.scaled`
+            makes it relative to each unit's own scale, as ``fastsplit.keras.widen``
+            does by default).
         sigma: relative noise of ``"noise"``.
         seed: noise key; the same seed gives the same noise on every backend.
 
@@ -310,6 +327,8 @@ def plan(
     kj = k[src]
     if ratios is not None:
         ratio = np.where(kj > 1, r[np.minimum(c, copies - 1)], 1.0)
+    elif symmetry == "asymmetric":
+        ratio = (kj - c) / (kj * (kj + 1) / 2.0)
     else:
         ratio = 1.0 / kj
     offset = np.zeros(src.shape[0])

@@ -122,3 +122,23 @@ def test_plans_keep_old_units_in_place_and_ratios_sum_to_one(width, data, copies
     np.testing.assert_allclose(np.bincount(p.src, weights=p.ratio, minlength=width), 1.0)
     np.testing.assert_allclose(np.bincount(p.src, weights=p.offset, minlength=width), 0.0, atol=1e-15)
     assert p.new_width == width + len(neurons) * (copies - 1)
+
+
+def test_asymmetric_plans_give_unequal_exact_shares():
+    p = plan(4, [0, 2, 2], symmetry="asymmetric")
+    np.testing.assert_allclose(np.bincount(p.src, weights=p.ratio, minlength=4), 1.0)
+    np.testing.assert_allclose(p.ratio[p.src == 0], [2 / 3, 1 / 3])
+    np.testing.assert_allclose(p.ratio[p.src == 2], [3 / 6, 2 / 6, 1 / 6])  # three copies: 3:2:1
+    assert np.all(p.offset == 0) and p.symmetry == "asymmetric"
+    assert plan(2, [0], symmetry="asymmetric", ratios=[0.9, 0.1]).ratio.tolist() == [0.9, 1.0, 0.1]
+
+
+def test_scaled_offsets_are_relative_to_each_source_unit():
+    p = plan(3, [0, 2], eps=1e-2)
+    q = p.scaled([2.0, 5.0, 0.5])
+    np.testing.assert_allclose(q.offset, p.offset * np.array([2.0, 5.0, 0.5])[p.src])
+    np.testing.assert_array_equal(q.src, p.src)
+    with pytest.raises(SplitError, match="scale"):
+        p.scaled([1.0, np.nan, 1.0])
+    with pytest.raises(SplitError, match="scale"):
+        p.scaled([1.0, 1.0])

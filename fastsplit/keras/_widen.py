@@ -18,11 +18,15 @@ from ._errors import GrowthError
 from ._event import GrowthEvent
 from ._graph import Graph, check_plan
 from ._surgery import Edit, apply, collect, sync_jax
-from ._units import evaluate
+from ._units import GroupRef, evaluate
 
 
-def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer: str = "carry",
-          backend: str = "auto") -> GrowthEvent:
+#: the default size of a ``"nudge"``, relative to each unit's own scale
+NUDGE = 1e-3
+
+
+def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nudge: float = NUDGE,
+          optimizer: str = "carry", backend: str = "auto") -> GrowthEvent:
     """Split units of a built Keras model in place; it computes the same function with more units.
 
     Args:
@@ -35,9 +39,15 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
             plain name or its path (``"block/dense"`` inside a nested model);
             naming one member of a coupled group (``coupled_groups``) splits
             the whole group.
-        symmetry: ``"nudge"`` (default), ``"noise"`` or ``"none"`` for plans
-            made here from indices (a SplitPlan keeps its own).
-        eps: the ``"nudge"`` bias offset.
+        symmetry: ``"nudge"`` (default), ``"noise"``, ``"asymmetric"`` or
+            ``"none"`` for plans made here from indices (a SplitPlan keeps its
+            own); see :func:`fastsplit.plan`.
+        eps: an absolute ``"nudge"`` bias offset. By default (None) the offset
+            of each unit is ``nudge`` times the unit's own scale: the norm of
+            its incoming weights (the spread of its pre-activation for inputs
+            of unit variance) or, when the offset goes to a normaliser's
+            ``beta``, the size of that normaliser's ``gamma``.
+        nudge: the relative size of the default ``"nudge"``.
         optimizer: ``"carry"`` transports the optimizer's slots (DESIGN.md);
             ``"reset"`` gives the widened variables fresh slots. The
             iteration counter is kept either way.
@@ -73,9 +83,14 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
     groups = graph.groups()
     by_root = {g.gid: g for g in groups}
 
+    if not np.isfinite(nudge) or nudge < 0:
+        raise GrowthError(f"nudge must be a non-negative number, got nudge={nudge!r}")
+
     def make(spec, grp, path):
         if spec is None or not isinstance(spec, SplitPlan):
-            spec = make_plan(grp.width, spec, symmetry=symmetry, eps=eps)
+            spec = make_plan(grp.width, spec, symmetry=symmetry, eps=nudge if eps is None else eps)
+            if eps is None and symmetry == "nudge":
+                spec = spec.scaled(unit_scales(graph, grp.gid, grp.width))
         check_plan(spec, grp.width, path)
         return spec
 
@@ -109,4 +124,39 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float = 1e-3, optimizer
     return apply(model, graph, edit, optimizer=optimizer, backend=backend, t0=t0, times=times)
 
 
-__all__ = ["widen"]
+def unit_scales(graph: Graph, gid: int, width: int) -> np.ndarray:
+    """``float[width]``: each unit's own size where its nudge goes, averaged over the group's producers.
+
+    A producer's bias: the norm of the unit's incoming weights. A normaliser's ``beta``: ``|gamma|``
+    (1 without a ``gamma``). Only a width-long vector comes back from the device.
+    """
+    from keras import ops
+
+    sizes = []
+    for use in graph.uses:
+        if (use.kind != "bias" or not isinstance(use.ref, GroupRef) or use.ref.expand != 1
+                or graph.find(use.ref.gid) != gid):
+            continue
+        if use.attr == "beta":
+            var, axis = getattr(use.layer, "gamma", None), use.axis
+            if var is None:
+                sizes.append(np.ones(width))
+                continue
+        else:
+            incoming = next(u for u in graph.uses if u.layer is use.layer and u.kind == "incoming")
+            var, axis = incoming.var, incoming.axis
+        axis %= len(var.shape)
+        others = [a for a in range(len(var.shape)) if a != axis]
+        sq = ops.square(ops.cast(var, "float32"))
+        sq = np.asarray(ops.convert_to_numpy(ops.sum(sq, axis=others) if others else sq), dtype=np.float64)
+        positions = sq.shape[0] // width  # a Dense read as positions x channels: entry p * width + u
+        size = np.sqrt(sq.reshape(positions, width).sum(axis=0))
+        sizes.append(size / np.sqrt(positions) if use.attr == "beta" else size)  # |gamma| is per entry
+    if not sizes:
+        return np.ones(width)
+    size = np.mean(sizes, axis=0)
+    fallback = size[size > 0].mean() if np.any(size > 0) else 1.0
+    return np.where(size > 0, size, fallback)
+
+
+__all__ = ["unit_scales", "widen"]

@@ -219,3 +219,48 @@ def test_prune_folds_into_batchnorm_after_a_bias_free_conv():
     fk.prune(model, dead, data=x)
     assert model.get_layer("expand").filters == 4
     assert rel_err(before, predict(model, x)) <= TOL
+
+
+def test_nudge_is_relative_to_each_units_scale():
+    """The default nudge is 1e-3 of the unit's own size: its incoming weights' norm, or |gamma| when the
+    offset goes to a BatchNormalization's beta; ``eps`` stays an absolute override."""
+    inp = keras.Input((8,))
+    model = keras.Model(inp, L.Dense(3, name="o")(L.Dense(4, activation="relu", name="h")(inp)))
+    k, b = model.get_layer("h").get_weights()
+    k[:, 1] *= 10.0
+    model.get_layer("h").set_weights([k, np.zeros_like(b)])
+    fk.widen(model, {"h": None})
+    np.testing.assert_allclose(model.get_layer("h").bias.numpy()[4:], -1e-3 * np.linalg.norm(k, axis=0), rtol=1e-5)
+
+    inp = keras.Input((8,))
+    h = L.BatchNormalization(name="bn")(L.Dense(4, use_bias=False, name="h")(inp))
+    model = keras.Model(inp, L.Dense(3, name="o")(h))
+    model.get_layer("bn").gamma.assign(np.array([1.0, 2.0, -3.0, 4.0], "float32"))
+    fk.widen(model, {"h": None}, nudge=1e-2)
+    np.testing.assert_allclose(model.get_layer("bn").beta.numpy(),
+                               [0.01, 0.02, 0.03, 0.04, -0.01, -0.02, -0.03, -0.04], rtol=1e-5)
+
+    inp = keras.Input((8,))
+    model = keras.Model(inp, L.Dense(3, name="o")(L.Dense(4, name="h")(inp)))
+    fk.widen(model, {"h": [2]}, eps=0.5)
+    assert model.get_layer("h").bias.numpy()[[2, 4]].tolist() == [0.5, -0.5]
+
+
+def test_asymmetric_split_is_exact_and_copies_part_under_adam():
+    model, x, y = _asym_model()
+    before = predict(model, x)
+    fk.widen(model, {"h": None}, symmetry="asymmetric")
+    assert rel_err(before, predict(model, x)) <= TOL
+    for _ in range(5):
+        model.train_on_batch(x, y)
+    k = model.get_layer("h").kernel.numpy()
+    assert np.abs(k[:, :6] - k[:, 6:]).max() > 1e-4  # the copies are different units now
+
+
+def _asym_model():
+    inp = keras.Input((5,))
+    model = keras.Model(inp, L.Dense(2, name="o")(L.Dense(6, activation="tanh", name="h")(inp)))
+    model.compile(keras.optimizers.Adam(1e-2), "mse", run_eagerly=BACKEND != "jax")
+    x, y = data((5,))
+    model.train_on_batch(x, y)
+    return model, x, y
