@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._errors import GrowthError
+
 SCORES = ("change", "gradient", "optimizer", "activation")
 NEEDS_PROBE = {"gradient": "(x, y)", "activation": "x or (x, y)"}
 
@@ -33,13 +35,13 @@ def check_score(score, probe):
     if callable(score) and not isinstance(score, str):
         return CallableScore(score)
     if not isinstance(score, str) or score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES} or a callable (layer, model) -> scores; got score={score!r}")
+        raise GrowthError(f"score must be one of {SCORES} or a callable (layer, model) -> scores; got score={score!r}")
     if score in NEEDS_PROBE:
         if probe is None:
-            raise ValueError(f"score={score!r} needs a probe batch: pass probe={NEEDS_PROBE[score]} (held-back data)")
+            raise GrowthError(f"score={score!r} needs a probe batch: pass probe={NEEDS_PROBE[score]} (held-back data)")
         x, y = _split_probe(probe)
         if score == "gradient" and y is None:
-            raise ValueError("score='gradient' needs probe=(x, y) with targets; got inputs only")
+            raise GrowthError("score='gradient' needs probe=(x, y) with targets; got inputs only")
     return {"change": ChangeScore, "gradient": GradientScore, "optimizer": OptimizerScore, "activation": ActivationScore}[
         score
     ](probe)
@@ -49,7 +51,7 @@ def _split_probe(probe):
     if isinstance(probe, (tuple, list)) and len(probe) == 2:
         return probe[0], probe[1]
     if isinstance(probe, (tuple, list)):
-        raise ValueError(f"probe must be x or (x, y); got a sequence of length {len(probe)}")
+        raise GrowthError(f"probe must be x or (x, y); got a sequence of length {len(probe)}")
     return probe, None
 
 
@@ -142,7 +144,7 @@ class OptimizerScore(Score):
         opt = self._inner(model.optimizer)
         known = type(opt).__name__ in _SLOT_HINTS or any(getattr(opt, a, None) for a in _SECOND_MOMENT_SLOTS)
         if not known:
-            raise ValueError(
+            raise GrowthError(
                 "score='optimizer' needs an optimizer with second-moment slots (Adam, Nadam, AdamW, Lamb, "
                 f"RMSprop, Adagrad, Adamax, Adadelta, Ftrl); the model uses {type(opt).__name__}"
             )
@@ -207,7 +209,7 @@ def layer_output(model, layer, x):
             h = lay(h, training=False)
             if lay is layer:
                 return h
-        raise ValueError(f"layer {layer.name!r} is not in the model")
+        raise GrowthError(f"layer {layer.name!r} is not in the model")
     sub = keras.Model(model.inputs, layer.output)
     return sub(x, training=False)
 
@@ -252,4 +254,4 @@ def gradients(model, variables, x, y):
 
         grads = jax.grad(loss_fn)(tv)
         return [_numpy(grads[i]) for i in index]
-    raise ValueError(f"score='gradient' does not support the {name!r} Keras backend")
+    raise GrowthError(f"score='gradient' does not support the {name!r} Keras backend")

@@ -11,6 +11,8 @@ import numbers
 
 import numpy as np
 
+from ._errors import GrowthError
+
 
 def check_select(select):
     """Normalise ``select`` to ``("all",)``, ``("fraction", f)``, ``("top", k)`` or ``("threshold", t)``.
@@ -21,24 +23,24 @@ def check_select(select):
     if isinstance(select, str):
         if select == "all":
             return ("all",)
-        raise ValueError(
+        raise GrowthError(
             f'select must be "all", a fraction in (0, 1], an integer k >= 1 or ("threshold", t); got select={select!r}'
         )
     if isinstance(select, (tuple, list)):
         if len(select) == 2 and select[0] == "threshold" and _is_real(select[1]) and math.isfinite(select[1]):
             return ("threshold", float(select[1]))
-        raise ValueError(f'select as a tuple must be ("threshold", t) with a finite number t; got select={select!r}')
+        raise GrowthError(f'select as a tuple must be ("threshold", t) with a finite number t; got select={select!r}')
     if isinstance(select, bool):
-        raise ValueError(f"select must not be a bool; got select={select!r}")
+        raise GrowthError(f"select must not be a bool; got select={select!r}")
     if isinstance(select, numbers.Integral):
         if select >= 1:
             return ("top", int(select))
-        raise ValueError(f"select as an integer is a number of units and must be at least 1; got select={select!r}")
+        raise GrowthError(f"select as an integer is a number of units and must be at least 1; got select={select!r}")
     if _is_real(select):
         if 0 < select <= 1:
             return ("fraction", float(select))
-        raise ValueError(f"select as a fraction must be in (0, 1]; got select={select!r}")
-    raise ValueError(
+        raise GrowthError(f"select as a fraction must be in (0, 1]; got select={select!r}")
+    raise GrowthError(
         f'select must be "all", a fraction in (0, 1], an integer k >= 1 or ("threshold", t); got select={select!r}'
     )
 
@@ -79,10 +81,10 @@ def choose(rule, width: int, scores: np.ndarray | None) -> np.ndarray:
 
 def _check_scores(scores, width: int) -> np.ndarray:
     if scores is None:
-        raise ValueError("this select rule needs scores")
+        raise GrowthError("this select rule needs scores")
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.shape != (width,):
-        raise ValueError(f"a score function must return one score per unit ({width}), got shape {scores.shape}")
+        raise GrowthError(f"a score function must return one score per unit ({width}), got shape {scores.shape}")
     return np.where(np.isfinite(scores), scores, -np.inf)
 
 

@@ -18,6 +18,7 @@ import operator
 
 import numpy as np
 
+from ._errors import GrowthError
 from ._graph import Graph
 
 #: layers that map each unit's value on its own, so a unit's state is final only after them
@@ -76,49 +77,49 @@ def model_inputs(model, data, what: str = "data") -> list[np.ndarray]:
     """
     inputs = list(model.inputs) if getattr(model, "inputs", None) else []
     if not inputs:
-        raise ValueError(f"model {model.name!r} has no inputs yet: build it before measuring units")
+        raise GrowthError(f"model {model.name!r} has no inputs yet: build it before measuring units")
     n_in = len(inputs)
     x = data
     if isinstance(x, dict):
         try:
             x = [x[t.name] for t in inputs]
         except KeyError as exc:
-            raise ValueError(f"{what} is a dict without the model input {exc.args[0]!r}") from None
+            raise GrowthError(f"{what} is a dict without the model input {exc.args[0]!r}") from None
     elif isinstance(x, (tuple, list)):
         if n_in == 1:
             if len(x) not in (1, 2, 3):
-                raise ValueError(f"{what} must be x or (x, y); got a sequence of length {len(x)}")
+                raise GrowthError(f"{what} must be x or (x, y); got a sequence of length {len(x)}")
             x = [x[0]]
         elif len(x) == n_in and not isinstance(x[0], (tuple, list, dict)):
             x = list(x)
         elif len(x) in (2, 3) and isinstance(x[0], (tuple, list)) and len(x[0]) == n_in:
             x = list(x[0])
         else:
-            raise ValueError(f"{what} must hold one array per model input ({n_in}); got {len(x)}")
+            raise GrowthError(f"{what} must hold one array per model input ({n_in}); got {len(x)}")
     else:
         x = [x]
     if len(x) != n_in:
-        raise ValueError(f"{what} must hold one array per model input ({n_in}); got {len(x)}")
+        raise GrowthError(f"{what} must hold one array per model input ({n_in}); got {len(x)}")
     out = []
     n = None
     for arr, t in zip(x, inputs, strict=False):
         try:
             a = np.asarray(arr)
         except Exception as exc:  # an object numpy cannot read
-            raise ValueError(f"{what} for input {t.name!r} is not an array: {type(arr).__name__}") from exc
+            raise GrowthError(f"{what} for input {t.name!r} is not an array: {type(arr).__name__}") from exc
         expect = tuple(t.shape)
         if a.ndim != len(expect) or any(e is not None and int(e) != s for e, s in zip(expect[1:], a.shape[1:], strict=False)):
-            raise ValueError(
+            raise GrowthError(
                 f"{what} for input {t.name!r} has shape {a.shape}, but the model expects {expect} (None: any size)"
             )
         if not np.issubdtype(a.dtype, np.number) and a.dtype != bool:
-            raise ValueError(f"{what} for input {t.name!r} has dtype {a.dtype}; expected numbers")
+            raise GrowthError(f"{what} for input {t.name!r} has dtype {a.dtype}; expected numbers")
         if n is not None and a.shape[0] != n:
-            raise ValueError(f"{what}: the inputs have different numbers of samples ({n} and {a.shape[0]})")
+            raise GrowthError(f"{what}: the inputs have different numbers of samples ({n} and {a.shape[0]})")
         n = a.shape[0]
         out.append(a)
     if not n:
-        raise ValueError(f"{what} holds no samples")
+        raise GrowthError(f"{what} holds no samples")
     return out
 
 
@@ -151,7 +152,7 @@ def probe(graph: Graph, xs: list, keys, batch_size: int = 256):
 
     batch_size = operator.index(batch_size)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise GrowthError(f"batch_size must be at least 1, got {batch_size}")
     keys = [graph.canon(k) for k in keys]
     ops_needed = _needed_ops(graph, keys)
     n = xs[0].shape[0]
@@ -255,9 +256,9 @@ def resolve_layers(graph: Graph, layers) -> list[str]:
         if len(matches) == 1:
             out.append(matches[0])
         elif matches:
-            raise ValueError(f"layer name {name!r} is ambiguous in this model; use one of the paths {matches}")
+            raise GrowthError(f"layer name {name!r} is ambiguous in this model; use one of the paths {matches}")
         else:
-            raise ValueError(
+            raise GrowthError(
                 f"the model has no producing layer (Dense, Conv) named {name!r}; the layers with units are "
                 f"{sorted(ops_by_path)}"
             )
@@ -338,7 +339,7 @@ def dead_units(model, data, *, threshold: float = 0.0, layers=None, batch_size: 
     """
     threshold = float(threshold)
     if not (0.0 <= threshold < 1.0):
-        raise ValueError(f"threshold must be a fraction in [0, 1), got threshold={threshold!r}")
+        raise GrowthError(f"threshold must be a fraction in [0, 1), got threshold={threshold!r}")
     graph = Graph(model)
     groups = [g for g in graph.groups() if not g.refused and not g.uniform]
     if layers is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import keras
 
+from ._errors import GrowthError
+
 
 def backend_name() -> str:
     return keras.backend.backend()
@@ -51,7 +53,7 @@ def prepare(var, tensor):
         if p.device != torch.device(get_device()):
             p = torch.nn.Parameter(tensor.to(get_device()), requires_grad=var.trainable)
         return p
-    raise ValueError(f"fastsplit.keras supports the tensorflow, jax and torch Keras backends, not {b!r}")
+    raise GrowthError(f"fastsplit.keras supports the tensorflow, jax and torch Keras backends, not {b!r}")
 
 
 def install(var, value) -> tuple:
@@ -83,7 +85,7 @@ def value_of(var):
     value = var.value
     if b == "jax" and len(value.devices()) > 1:
         if not value.sharding.is_fully_replicated:
-            raise ValueError(
+            raise GrowthError(
                 f"variable {var.path} is sharded over {len(value.devices())} devices; fastsplit widens "
                 "replicated (data-parallel) variables only"
             )

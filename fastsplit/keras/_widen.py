@@ -20,7 +20,6 @@ from ._graph import Graph, check_plan
 from ._surgery import Edit, apply, collect, sync_jax
 from ._units import GroupRef, evaluate
 
-
 #: the default size of a ``"nudge"``, relative to each unit's own scale
 NUDGE = 1e-3
 
