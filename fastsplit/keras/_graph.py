@@ -75,7 +75,7 @@ class Graph:
         self.layer_paths: dict = {}  # id(layer) -> path
         self.nested: list = []  # (nested model, None, outer input keys)
         self.opaque: dict = {}  # id(op) -> why its call could not be looked into
-        self.traced: list = []  # (layer, path) of the user's layers that were looked into
+        self.user_layers: dict = {}  # path -> a user's layer that was looked into or has a registered rule
         self.missing_bias: list = []  # (gid, path): producers where a "nudge" offset has nowhere to go
         self._build(model, prefix="", outer_inputs=None, outer_outputs=None, top=True)
         self._parent = {}
@@ -186,7 +186,7 @@ class Graph:
         for outer, kt in zip(op.outputs, outs, strict=False):
             self._add_tensor(kt)
             self.alias[outer] = id(kt)
-        self.traced.append((layer, op.path))
+        self.user_layers[op.path] = layer
         for n in nodes:
             self._add_node(n, op.path + "/")
 
@@ -376,6 +376,8 @@ class Graph:
         the private chain of a producer (see ``_offset_target``).
         """
         target = any(t is op for t in self._offset_cache.values())
+        if _traceable(op.layer):
+            self.user_layers.setdefault(op.path, op.layer)  # its config may hold the width
         for name, w in weights.items():
             kind = "bias" if (target and name == "beta") else "state"
             self.uses.append(Use(op.layer, op.path, name, w, axis, kind, label.ref, label.units.channels))

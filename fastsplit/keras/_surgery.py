@@ -395,7 +395,7 @@ def update_graph(graph: Graph, plans: dict, setattr_undo) -> None:
             items = list(value)
             items[index] = new_length(int(items[index]), p)
             setattr_undo(obj, attr, type(value)(items))
-    _update_traced_configs(graph, plans, setattr_undo)
+    _update_user_configs(graph, plans, setattr_undo)
     new_shapes = {}
     for key in dict.fromkeys(graph.shape_tensors):
         lab = graph.labels[key]
@@ -424,12 +424,13 @@ def update_graph(graph: Graph, plans: dict, setattr_undo) -> None:
         _fix_build_shapes(layer, old, new, setattr_undo)
 
 
-def _update_traced_configs(graph: Graph, plans: dict, setattr_undo) -> None:
-    """A user's layer that was looked into keeps its widths in its own config (``LayerScale(projection_dim)``,
-    ``Block(units)``): every integer config entry equal to the old length of an axis the edit changes
-    inside the layer, and held by the attribute of that name, takes the new length, so the layer saves
-    and loads at its new size. An entry whose old length maps to two new lengths is left alone."""
-    for layer, path in graph.traced:
+def _update_user_configs(graph: Graph, plans: dict, setattr_undo) -> None:
+    """A user's layer (looked into, or with a registered rule) keeps its widths in its own config
+    (``LayerScale(projection_dim)``, ``Block(units)``): every integer config entry equal to the old length
+    of an axis the edit changes inside the layer, and held by the attribute of that name, takes the new
+    length, so the layer saves and loads at its new size. An entry whose old length maps to two new
+    lengths is left alone."""
+    for path, layer in graph.user_layers.items():
         changes: dict = {}
         for use in graph.uses:
             if use.path == path or use.path.startswith(path + "/"):

@@ -264,3 +264,42 @@ def _asym_model():
     x, y = data((5,))
     model.train_on_batch(x, y)
     return model, x, y
+
+
+class Shift(keras.layers.Layer):
+    """A per-channel shift whose width is in its config, registered as "per_unit" instead of traced."""
+
+    def __init__(self, dim, **kw):
+        super().__init__(**kw)
+        self.dim = dim
+
+    def build(self, _):
+        self.shift = self.add_weight(shape=(self.dim,), initializer="random_normal")
+
+    def call(self, x):
+        return x + self.shift
+
+    def compute_output_shape(self, shape):
+        return shape
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim}
+
+
+def test_registered_per_unit_layer_splits_and_saves(tmp_path):
+    fk.register_rule(Shift, "per_unit")
+    try:
+        inp = keras.Input((5,))
+        h = Shift(4, name="shift")(L.Dense(4, name="h")(inp))
+        model = keras.Model(inp, L.Dense(2, name="o")(h))
+        x, y = data((5,))
+        before = predict(model, x)
+        fk.widen(model, {"h": [0, 3]}, symmetry="none")
+        assert rel_err(before, predict(model, x)) <= TOL
+        assert model.get_layer("shift").dim == 6 and model.get_layer("shift").shift.shape == (6,)
+        with keras.utils.custom_object_scope({"Shift": Shift}):
+            _roundtrip(model, x, y, tmp_path)
+    finally:
+        from fastsplit.keras import _rules
+
+        del _rules._RULES[Shift]
