@@ -106,6 +106,7 @@ def measure(rounds=ROUNDS) -> dict:
 
     import fastsplit.keras as fk
 
+    load_before = os.getloadavg()[0]
     # warm-up: JIT compilers (Numba) and the Keras code paths, on a small model
     small, xs, ys = build(64)
     fk.widen(small, plans(64))
@@ -170,6 +171,7 @@ def measure(rounds=ROUNDS) -> dict:
         "rss_extra": rss.peak - rss.base,
         "ratio_tracemalloc": traced_peak / bytes_new,
         "ratio_rss": (rss.peak - rss.base) / bytes_new,
+        "load": [load_before, os.getloadavg()[0]],
     }
 
 
@@ -194,26 +196,28 @@ def write_results(results: list[dict], path=RESULTS) -> str:
         f"{os.cpu_count()} cores (a shared VM), {ROUNDS} events on fresh models per backend, each in its own "
         "process; `python benchmarks/test_bench_keras.py`. *Warm*: median of events 2..n of the process; "
         "*cold*: the first event. The event time is dominated by first-touch page faults of the new arrays, "
-        "which this VM serves at about 0.5-1 GB/s: an event whose outputs land on pages the process has "
-        "already mapped runs its kernel in 0.15-0.3 s (2.4-3.4x `np.copyto` into touched memory), one that "
-        "needs fresh pages takes 1-2.8 s, whichever event of the process it is. `np.empty` + `np.copyto` "
-        "pays the same page faults and is the fair baseline for that case.",
+        "which this VM serves at about 0.25-1 GB/s (whether an event's outputs land on pages the process "
+        "has already mapped decides, whichever event of the process it is). `np.empty` + `np.copyto` pays "
+        "the same page faults and is the fair baseline for that case. *plan* is the graph trace and the "
+        "per-unit nudge scales, before the export; *load*: the 1-minute load average before and after "
+        "the backend's process.",
         "",
-        "| Keras backend | kernel backend | params | tensors | split_many calls | new bytes | export | kernel | import | "
+        "| Keras backend | kernel backend | params | tensors | split_many calls | new bytes | plan | export | kernel | import | "
         "variables | swap | warm event w/o retrace | np.copyto | ratio (target <= 3) | cold event | "
-        "np.empty + np.copyto | ratio | first step after / steady step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "np.empty + np.copyto | ratio | first step after / steady step | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |",
     ]
     for r in results:
         p = r["phases"]
         lines.append(
             f"| {r['keras_backend']} | {r['fastsplit_backend']} | {r['params_before'] / 1e6:.1f}M -> "
             f"{r['params_after'] / 1e6:.1f}M | {r['tensors']} | {r['split_calls']} | {r['bytes_new'] / 1e9:.2f} GB | "
-            f"{p['export'] * 1e3:.1f} ms | {p['kernel'] * 1e3:.0f} ms | {p['import'] * 1e3:.1f} ms | "
+            f"{p['plan'] * 1e3:.0f} ms | {p['export'] * 1e3:.1f} ms | {p['kernel'] * 1e3:.0f} ms | {p['import'] * 1e3:.1f} ms | "
             f"{p['variables'] * 1e3:.1f} ms | {p['swap'] * 1e3:.1f} ms | {r['event_s'] * 1e3:.0f} ms | "
             f"{r['copyto_s'] * 1e3:.0f} ms | {r['ratio_copyto']:.2f} | {r['cold_event_s']:.2f} s | "
             f"{r['copyto_fresh_s']:.2f} s | {r['ratio_cold_fresh']:.2f} | {r['first_step_s']:.2f} s / "
-            f"{r['steady_step_s']:.2f} s |"
+            f"{r['steady_step_s']:.2f} s | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
         )
     lines += [
         "",
