@@ -241,7 +241,7 @@ def run_demo(
     """Run the demo; returns the summary dict that is also written to ``out/summary.json``."""
     import keras
 
-    from .keras._growing import growable_layers
+    from .keras._layers import growable_layers
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,33 +20,21 @@ from ..compact import CompactPlan
 from ..plan import SYMMETRIES, SplitPlan
 from ..plan import plan as make_plan
 from . import _scores, _select
+from ._layers import (
+    coupled_producers,
+    graph_groups,
+    growable_layers,
+    model_at_widths,
+    producer_widths,
+    refusals,
+    why_not_growable,
+    width_of,
+)
 
-#: layer classes whose last kernel axis is the unit axis and that widen can split
-PRODUCERS = ("Dense", "Conv1D", "Conv2D", "Conv3D", "EinsumDense")
-#: layers a unit passes through unchanged on its way to a consumer (DESIGN.md, "Coupled units")
-PASS_THROUGH = {
-    "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "Softmax", "Dropout", "SpatialDropout1D",
-    "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
-    "AveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
-    "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D", "ZeroPadding1D",
-    "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D", "UpSampling1D",
-    "UpSampling2D", "UpSampling3D", "BatchNormalization", "DepthwiseConv1D", "DepthwiseConv2D",
-    "Flatten", "Add", "Subtract", "Multiply", "Maximum", "Minimum", "Average", "Concatenate",
-    "LayerNormalization", "GroupNormalization", "Identity",
-}  # fmt: skip
 _MAX_DIRECTION = ("acc", "auc", "precision", "recall", "f1", "iou", "r2", "top_k", "true_positives")
 _MIN_DIRECTION = ("loss", "error", "crossentropy", "hinge", "poisson", "divergence", "false_")
 
 STATE_FILE = "fastsplit_state.json"
-
-
-def _widen():
-    try:
-        from ._widen import widen
-    except ImportError as e:  # pragma: no cover - only while widen is being written
-        raise ImportError("fastsplit.keras.widen is not available yet (fastsplit/keras/_widen.py)") from e
-    return widen
 
 
 def _is_int(x) -> bool:
@@ -57,116 +45,6 @@ def _check_int(name, value, low):
     if not _is_int(value) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}; got {name}={value!r}")
     return int(value)
-
-
-def width_of(layer) -> int:
-    return int(layer.kernel.shape[-1])
-
-
-def _outbound_ops(layer):
-    for node in getattr(layer, "_outbound_nodes", []):
-        yield node.operation
-
-
-def consumers(model, layer):
-    """Walk the graph from ``layer`` to the layers that consume its units.
-
-    Returns ``(consumers, reaches_output, blocker)``: the weight layers reached
-    through pass-through layers, whether some path reaches a model output
-    without a consumer, and the first layer that is neither (or None).
-    Cost: O(layers) Python.
-    """
-    outputs = {id(t) for t in _model_outputs(model)}
-    found, blocker, reaches_output = [], None, False
-    seen = set()
-    stack = [layer]
-    while stack:
-        op = stack.pop()
-        if id(op) in seen:
-            continue
-        seen.add(id(op))
-        if any(id(t) in outputs for t in _op_outputs(op)):
-            reaches_output = True
-        for nxt in _outbound_ops(op):
-            kind = type(nxt).__name__
-            if kind in PRODUCERS:
-                found.append(nxt)
-            elif kind in PASS_THROUGH:
-                stack.append(nxt)
-            elif blocker is None:
-                blocker = nxt
-    return found, reaches_output, blocker
-
-
-def _model_outputs(model):
-    try:
-        return list(model.outputs)
-    except (AttributeError, ValueError):
-        return []
-
-
-def _op_outputs(op):
-    out = []
-    for node in getattr(op, "_inbound_nodes", []):
-        out.extend(getattr(node, "output_tensors", []) or [])
-    return out
-
-
-def _graph_groups(model):
-    """widen's own graph walk (``_graph.Graph``), or None when it is not available."""
-    try:
-        from ._graph import Graph
-    except ImportError:  # pragma: no cover
-        return None
-    return Graph(model).groups()
-
-
-def growable_layers(model):
-    """Names of the hidden Dense/Conv layers whose units can be split, in model order.
-
-    Uses widen's graph walk: one name per coupled group (its first producer)
-    whose split is not refused and that has a consumer. Without it: a layer
-    qualifies when its output reaches a consuming Dense/Conv layer through
-    pass-through layers only, and no model output.
-    """
-    groups = _graph_groups(model)
-    if groups is not None:
-        return [g.producers[0] for g in groups if not g.refused and g.consumers]
-    names = []
-    for layer in model.layers:
-        if type(layer).__name__ not in PRODUCERS or not hasattr(layer, "kernel"):
-            continue
-        found, reaches_output, blocker = consumers(model, layer)
-        if found and not reaches_output and blocker is None:
-            names.append(layer.name)
-    return names
-
-
-def why_not_growable(model, name):
-    """Why layer ``name`` cannot grow, or None when it can."""
-    try:
-        layer = model.get_layer(name)
-    except ValueError:
-        return f"the model has no layer named {name!r}"
-    kind = type(layer).__name__
-    if kind not in PRODUCERS or not hasattr(layer, "kernel"):
-        return f"layer {name!r} is a {kind}; only Dense and Conv1D/2D/3D layers can grow"
-    groups = _graph_groups(model)
-    if groups is not None:
-        for g in groups:
-            if name in g.producers:
-                if g.refused:
-                    return f"layer {name!r} cannot grow: " + "; ".join(g.refused)
-                if not g.consumers:
-                    return f"layer {name!r} has no consuming layer; the output layer never grows"
-                return None
-        return f"layer {name!r} is not a producing layer of the model's graph"
-    found, reaches_output, blocker = consumers(model, layer)
-    if reaches_output or not found:
-        return f"layer {name!r} produces a model output; the output layer never grows"
-    if blocker is not None:
-        return f"layer {name!r} feeds {blocker.name!r} ({type(blocker).__name__}), which cannot be split through"
-    return None
 
 
 def metric_names(model):
@@ -215,68 +93,17 @@ def exact(p: SplitPlan) -> SplitPlan:
     return SplitPlan(width=p.width, src=p.src, ratio=p.ratio, offset=np.zeros_like(p.offset), symmetry="none")
 
 
-def _coupled(model):
-    """Producer name -> the names of every producer of its coupled group (itself included), in graph order."""
-    out = {}
-    for g in _graph_groups(model) or []:
-        for p in g.producers:
-            out[p] = list(g.producers)
-    return out
-
-
-def _spread(model, widths, coupled=None):
-    """``widths`` with each named layer's width given to every producer of its coupled group.
-
-    The callbacks name a group by one producer (``growable_layers``); the others (all the
-    layers feeding one ``Add``) must be rebuilt with the same width. Two producers of one
-    group given different widths raise.
-    """
-    coupled = _coupled(model) if coupled is None else coupled
-    out = dict(widths)
-    for name, w in widths.items():
-        for mate in coupled.get(name, ()):
-            if mate in widths and int(widths[mate]) != int(w):
-                raise ValueError(
-                    f"layers {name!r} and {mate!r} feed one coupled group and must have one width; "
-                    f"got {name}={int(w)} and {mate}={int(widths[mate])}"
-                )
-            out[mate] = int(w)
-    return out
-
-
-def model_at_widths(model, widths, coupled=None):
-    """A fresh, built copy of ``model``'s architecture with the given unit counts. Cost: one model build.
-
-    A width given for one producer of a coupled group applies to the whole group.
-    """
-    import keras
-
-    widths = _spread(model, widths, coupled)
-    cfg = model.get_config()
-    layer_cfgs = cfg["layers"] if isinstance(cfg, dict) and "layers" in cfg else None
-    if layer_cfgs is None:
-        raise ValueError(f"cannot rebuild {type(model).__name__} from its config")
-    for lc in layer_cfgs:
-        lc.pop("build_config", None)  # input shapes recorded before growth: let the model infer them
-        c = lc.get("config", {})
-        name = c.get("name")
-        if name in widths:
-            key = "units" if "units" in c else "filters"
-            c[key] = int(widths[name])
-    cfg.pop("fastsplit_history", None)
-    base = keras.Sequential if isinstance(model, keras.Sequential) else keras.Model
-    clone = base.from_config(cfg)
-    return clone
-
-
 def unit_costs(model, names):
     """Parameters one more unit adds, per layer name (incoming column, bias, per-unit state, outgoing rows;
     for a coupled group, those of every producer of the group).
 
     Cost: one model build per layer.
     """
-    widths = {layer.name: width_of(layer) for layer in model.layers if layer.name in set(names) or _has_units(layer)}
-    coupled = _coupled(model)
+    groups = graph_groups(model)
+    named = set(names)
+    widths = {layer.name: width_of(layer) for layer in model.layers if layer.name in named}
+    widths.update({p: w for p, w in producer_widths(groups).items() if p not in widths})
+    coupled = coupled_producers(groups)
     base = model_at_widths(model, widths, coupled).count_params()
     out = {}
     for name in names:
@@ -286,10 +113,6 @@ def unit_costs(model, names):
                 w[mate] += 1
         out[name] = max(1, model_at_widths(model, w, coupled).count_params() - base)
     return out
-
-
-def _has_units(layer):
-    return type(layer).__name__ in PRODUCERS and hasattr(layer, "kernel")
 
 
 class GrowthCallback(MonitorCallback):
@@ -442,17 +265,19 @@ class GrowthCallback(MonitorCallback):
     _resumed_state = None
 
     def _check_layers(self, model):
+        groups = graph_groups(model)
         if self.layers is None:
-            names = growable_layers(model)
+            names = growable_layers(model, groups)
             if not names:
+                refused = "; ".join(refusals(groups))
                 raise ValueError(
                     f"{type(self).__name__}: the model has no hidden Dense/Conv layer that can grow "
-                    f"(layers={[lay.name for lay in model.layers]})"
+                    f"(layers={[lay.name for lay in model.layers]}" + (f"; refused: {refused})" if refused else ")")
                 )
         else:
             names = list(self.layers)
             for name in names:
-                why = why_not_growable(model, name)
+                why = why_not_growable(model, name, groups)
                 if why is not None:
                     raise ValueError(f"{type(self).__name__}(layers={self.layers!r}): {why}")
         if isinstance(self.max_units, dict):
@@ -540,13 +365,14 @@ class GrowthCallback(MonitorCallback):
             return
         # the best epoch had fewer units: rebuild that model, split it exactly as
         # the run did since, and take its weights (same function as at the best epoch)
-        widen = _widen()
+        from . import widen
+
         shadow = model_at_widths(model, self._best_widths)
         shadow.set_weights(self.best_weights)
         inexact = []
         for plans in self._plans[self._best_at_event :]:
             if _is_prune(plans):
-                from ._prune import prune
+                from . import prune
 
                 # the units pruned since may have been alive at the best epoch: then their mean on the
                 # prune data is folded into the consumer's bias, which is close to, not exactly, that function
@@ -615,13 +441,12 @@ class GrowthCallback(MonitorCallback):
         all dead keeps its first unit. Cost: one inference pass over the data,
         then one ``prune`` call when anything is dead.
         """
-        from ._prune import prune
-        from ._stats import dead_units
+        from . import dead_units, prune
 
         model = self.model
         data = self._dead_data()
         dead = dead_units(model, data, layers=self._names)
-        widths = {g.producers[0]: g.width for g in (_graph_groups(model) or [])}
+        widths = {g.producers[0]: g.width for g in graph_groups(model)}
         units = {}
         for path, idx in dead.items():
             if len(idx) and len(idx) >= widths.get(path, len(idx) + 1):
@@ -674,7 +499,9 @@ class GrowthCallback(MonitorCallback):
             name: make_plan(before[name], idx, symmetry=self.symmetry, eps=self.eps, seed=seed)
             for name, idx in chosen.items()
         }
-        event = _widen()(self.model, plans, symmetry=self.symmetry, eps=self.eps, optimizer="carry")
+        from . import widen
+
+        event = widen(self.model, plans, symmetry=self.symmetry, eps=self.eps, optimizer="carry")
         self.events.append(event)
         self.event_epochs.append(epoch)
         self.event_kinds.append("split")
@@ -735,6 +562,8 @@ class GrowthCallback(MonitorCallback):
             return
         import h5py
 
+        from . import prune, widen
+
         model = self.model
         if getattr(self, "_names", None) is None:
             self._names = self.layers if self.layers is not None else growable_layers(model)
@@ -755,11 +584,9 @@ class GrowthCallback(MonitorCallback):
                 plans[name] = make_plan(now[name], extra, symmetry="none")
         # the values do not matter: BackupAndRestore overwrites them, optimizer slots included
         if cuts:
-            from ._prune import prune
-
             prune(model, cuts, optimizer="carry")
         if plans:
-            _widen()(model, plans, symmetry="none", optimizer="carry")
+            widen(model, plans, symmetry="none", optimizer="carry")
         epoch = None
         if os.path.exists(meta):
             with open(meta) as f:
@@ -844,13 +671,9 @@ def _event_dict(e):
 
 
 def _event_from_dict(d):
+    from . import GrowthEvent
+
     try:
-        from ._widen import GrowthEvent
-    except ImportError:
+        return GrowthEvent.from_dict(d)
+    except Exception:
         return d
-    if hasattr(GrowthEvent, "from_dict"):
-        try:
-            return GrowthEvent.from_dict(d)
-        except Exception:
-            return d
-    return d

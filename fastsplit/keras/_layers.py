@@ -1,0 +1,114 @@
+"""The layers that may grow, read from the public graph API, and the model rebuilt at other widths.
+
+Everything here asks :func:`fastsplit.keras.coupled_groups`: a coupled group can grow
+when its ``refused`` list is empty and it has a consumer, and the callbacks name it by
+its first producer. A width given for one producer of a group applies to every producer of it
+(all the layers that feed one ``Add``).
+"""
+
+from __future__ import annotations
+
+
+def graph_groups(model) -> list:
+    """:func:`fastsplit.keras.coupled_groups` (imported on first use). Cost: one walk over the graph."""
+    from . import coupled_groups
+
+    return coupled_groups(model)
+
+
+def width_of(layer) -> int:
+    """The unit count of a Dense/Conv layer (its kernel's last axis)."""
+    return int(layer.kernel.shape[-1])
+
+
+def growable_layers(model, groups=None) -> list[str]:
+    """Names of the hidden Dense/Conv layers whose units can be split, in graph order.
+
+    One name per coupled group whose ``refused`` is empty and that has a consumer: its
+    first producer. The output layer is never among them (the graph refuses units that
+    reach a model output). Cost: one walk over the graph unless ``groups`` is given.
+    """
+    groups = graph_groups(model) if groups is None else groups
+    return [g.producers[0] for g in groups if not g.refused and g.consumers]
+
+
+def why_not_growable(model, name, groups=None) -> str | None:
+    """Why layer ``name`` cannot grow (the reasons come from its group's ``refused``), or None when it can."""
+    try:
+        layer = model.get_layer(name)
+    except ValueError:
+        layer = None
+    groups = graph_groups(model) if groups is None else groups
+    if layer is not None:
+        for g in groups:
+            if name in g.producers:
+                if g.refused:
+                    return f"layer {name!r} cannot grow: " + "; ".join(g.refused)
+                if not g.consumers:
+                    return f"layer {name!r} has no consuming layer; the output layer never grows"
+                return None
+    can = f"the layers that can be grown are {growable_layers(model, groups)}"
+    if layer is None:
+        return f"the model has no layer named {name!r}; {can}"
+    return f"layer {name!r} is a {type(layer).__name__}, not a Dense/Conv layer whose units can be split; {can}"
+
+
+def refusals(groups) -> list[str]:
+    """``"producer: reason; reason"`` for each coupled group that cannot be split."""
+    return [f"{g.producers[0]!r}: " + "; ".join(g.refused) for g in groups if g.refused]
+
+
+def coupled_producers(groups) -> dict:
+    """Producer name -> every producer of its coupled group (itself included), in graph order."""
+    return {p: list(g.producers) for g in groups for p in g.producers}
+
+
+def producer_widths(groups) -> dict:
+    """Producer name -> its unit count, for every producer of the graph (splittable or not)."""
+    return {p: int(g.width) for g in groups for p in g.producers}
+
+
+def spread_widths(widths, coupled) -> dict:
+    """``widths`` with each named layer's width given to every producer of its coupled group.
+
+    ``coupled`` is :func:`coupled_producers`. Two producers of one group given different
+    widths raise ``ValueError``.
+    """
+    out = dict(widths)
+    for name, w in widths.items():
+        for mate in coupled.get(name, ()):
+            if mate in widths and int(widths[mate]) != int(w):
+                raise ValueError(
+                    f"layers {name!r} and {mate!r} feed one coupled group and must have one width; "
+                    f"got {name}={int(w)} and {mate}={int(widths[mate])}"
+                )
+            out[mate] = int(w)
+    return out
+
+
+def model_at_widths(model, widths, coupled=None):
+    """A fresh, built copy of ``model``'s architecture with the given unit counts.
+
+    A width given for one producer of a coupled group applies to the whole group
+    (``coupled``: :func:`coupled_producers`; read from the graph when None).
+    Cost: one model build (and one graph walk without ``coupled``).
+    """
+    import keras
+
+    if coupled is None:
+        coupled = coupled_producers(graph_groups(model))
+    widths = spread_widths(widths, coupled)
+    cfg = model.get_config()
+    layer_cfgs = cfg["layers"] if isinstance(cfg, dict) and "layers" in cfg else None
+    if layer_cfgs is None:
+        raise ValueError(f"cannot rebuild {type(model).__name__} from its config")
+    for lc in layer_cfgs:
+        lc.pop("build_config", None)  # input shapes recorded before growth: let the model infer them
+        c = lc.get("config", {})
+        name = c.get("name")
+        if name in widths:
+            key = "units" if "units" in c else "filters"
+            c[key] = int(widths[name])
+    cfg.pop("fastsplit_history", None)
+    base = keras.Sequential if isinstance(model, keras.Sequential) else keras.Model
+    return base.from_config(cfg)
