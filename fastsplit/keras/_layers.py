@@ -16,6 +16,17 @@ def graph_groups(model) -> list:
     return coupled_groups(model)
 
 
+def check_layer_names(layers):
+    """``None`` or a non-empty list of layer names (a single name is a list of one); ``ValueError`` names the value."""
+    if layers is not None:
+        if isinstance(layers, str):
+            layers = [layers]
+        layers = list(layers)
+        if not layers or not all(isinstance(n, str) for n in layers):
+            raise ValueError(f"layers must be None or a non-empty list of layer names; got layers={layers!r}")
+    return layers
+
+
 def width_of(layer) -> int:
     """The unit count of a Dense/Conv layer (its kernel's last axis)."""
     return int(layer.kernel.shape[-1])

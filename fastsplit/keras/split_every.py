@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._growing import GrowthCallback, _check_int
+from ._args import check_int
+from ._growing import GrowthCallback
 
 
 class SplitEvery(GrowthCallback):
@@ -56,7 +57,7 @@ class SplitEvery(GrowthCallback):
         prune_dead=False,
         prune_data=None,
     ):
-        self.epochs = _check_int("epochs", epochs, 1)
+        self.epochs = check_int("epochs", epochs, 1)
         super().__init__(
             monitor=monitor,
             mode=mode,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._growing import GrowthCallback, _check_int
+from ._args import check_int
+from ._growing import GrowthCallback
 
 
 class SplitOnPlateau(GrowthCallback):
@@ -151,8 +152,8 @@ class SplitOnPlateau(GrowthCallback):
             prune_dead=prune_dead,
             prune_data=prune_data,
         )
-        self.patience = _check_int("patience", patience, 0)
-        self.cooldown = _check_int("cooldown", cooldown, 0)
+        self.patience = check_int("patience", patience, 0)
+        self.cooldown = check_int("cooldown", cooldown, 0)
 
     def in_cooldown(self):
         return self.cooldown_counter > 0

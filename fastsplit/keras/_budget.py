@@ -1,0 +1,84 @@
+"""Budget and caps: which units each growing layer splits at an event.
+
+A select rule (``_select``) picks units by score (``_scores``); ``max_units`` caps each
+layer's width and ``max_params`` the model's parameter count, spread over the layers
+in proportion to what each wanted (``_select.cap_params``), priced by :func:`unit_costs`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _select
+from ._args import check_int
+from ._layers import coupled_producers, graph_groups, model_at_widths, producer_widths, width_of
+
+
+def check_max_units(max_units):
+    """``None``, an int >= 1 for every layer, or a dict layer name -> int >= 1; ``ValueError`` naming the value."""
+    if isinstance(max_units, dict):
+        return {k: check_int(f"max_units[{k!r}]", v, 1) for k, v in max_units.items()}
+    if max_units is not None:
+        return check_int("max_units", max_units, 1)
+    return None
+
+
+def check_max_params(max_params):
+    """``None`` or an int >= 1; ``ValueError`` naming the value."""
+    return None if max_params is None else check_int("max_params", max_params, 1)
+
+
+def cap_of(max_units, name):
+    """The width layer ``name`` may reach under ``max_units`` (None: no cap)."""
+    if isinstance(max_units, dict):
+        return max_units.get(name)
+    return max_units
+
+
+def ranks_units(rule, max_units, max_params) -> bool:
+    """Whether events may rank units by score, so the score must watch every epoch."""
+    return _select.needs_scores(rule) or max_units is not None or max_params is not None
+
+
+def unit_costs(model, names, groups=None) -> dict:
+    """Parameters one more unit adds, per layer name (incoming column, bias, per-unit state, outgoing
+    rows; for a coupled group, those of every producer of the group).
+
+    Cost: one graph walk unless ``groups`` is given, and one model build per layer.
+    """
+    groups = graph_groups(model) if groups is None else groups
+    named = set(names)
+    widths = {layer.name: width_of(layer) for layer in model.layers if layer.name in named}
+    widths.update({p: w for p, w in producer_widths(groups).items() if p not in widths})
+    coupled = coupled_producers(groups)
+    base = model_at_widths(model, widths, coupled).count_params()
+    out = {}
+    for name in names:
+        w = dict(widths)
+        for mate in coupled.get(name, [name]):  # one more unit of a coupled group widens all its producers
+            if mate in w:
+                w[mate] += 1
+        out[name] = max(1, model_at_widths(model, w, coupled).count_params() - base)
+    return out
+
+
+def choose_units(model, layers, *, rule, score, max_units, max_params) -> dict:
+    """Units to split per layer (layer name -> sorted indices) after both caps; layers left with none are absent.
+
+    Cost: ``score`` once per layer that is ranked; with ``max_params``, :func:`unit_costs`.
+    """
+    wanted = {}
+    for layer in layers:
+        n = width_of(layer)
+        cap = cap_of(max_units, layer.name)
+        if cap is not None and n >= cap:
+            continue
+        ranked = _select.needs_scores(rule) or (cap is not None and 2 * n > cap) or max_params
+        scores = score(layer, model) if ranked else None
+        chosen = _select.cap_units(_select.choose(rule, n, scores), n, cap)
+        if len(chosen):
+            wanted[layer.name] = chosen
+    if wanted and max_params is not None:
+        budget = max_params - model.count_params()
+        wanted = _select.cap_params(wanted, unit_costs(model, list(wanted)), budget)
+    return {k: np.sort(v) for k, v in wanted.items() if len(v)}
