@@ -487,3 +487,27 @@ def test_bad_two_axis_jobs_raise_and_leave_the_inputs_untouched(cpu_backend, kwa
         split_many([Job(x, plan(4), out=good_out), Job(x, plan(4), **kwargs)], backend=cpu_backend)
     same_bits(x, before)
     assert (good_out == 7).all()
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (7, 1000), (1024, 1536), (3, 3, 5, 7)])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_aligned_empty_starts_on_an_align_boundary(shape, dtype):
+    from fastsplit._gather import ALIGN, aligned_empty
+
+    # TensorFlow's oneDNN aborts on a DLPack import that is not 64-byte aligned. Not checked: a
+    # zero-element array (numpy keeps the base pointer of an empty slice, so it may not be aligned)
+    assert ALIGN % 64 == 0
+    for _ in range(8):  # numpy's own allocations are only 16-byte aligned: try several
+        a = aligned_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == np.dtype(dtype) and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % ALIGN == 0
+
+
+def test_split_results_are_64_byte_aligned(cpu_backend):
+    rng = np.random.default_rng(0)
+    p, q = plan(12, [1, 3, 3]), plan(10, [0, 9])
+    xs = [rng.standard_normal(s).astype("float32") for s in [(10, 12), (12,), (12, 10), (10, 12)]]
+    jobs = [Job(xs[0], p, 1, "incoming"), Job(xs[1], p, 0, "bias"), Job(xs[2], p, 0, "outgoing"),
+            Job(xs[3], p, 1, "incoming", also=(q, 0, "outgoing"))]
+    for out in split_many(jobs, backend=cpu_backend):
+        assert out.ctypes.data % 64 == 0
