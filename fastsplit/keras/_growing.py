@@ -59,9 +59,9 @@ class GrowthCallback(PlateauMonitor):
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}; got symmetry={symmetry!r}")
         self.symmetry = symmetry
-        if not isinstance(eps, numbers.Real) or not math.isfinite(eps):
-            raise ValueError(f"eps must be a finite number; got eps={eps!r}")
-        self.eps = float(eps)
+        if eps is not None and (not isinstance(eps, numbers.Real) or not math.isfinite(eps)):
+            raise ValueError(f"eps must be None or a finite number; got eps={eps!r}")
+        self.eps = None if eps is None else float(eps)
         self.max_units = _budget.check_max_units(max_units)
         self.max_params = _budget.check_max_params(max_params)
         self.stop_when_grown = bool(stop_when_grown)
@@ -265,11 +265,15 @@ class GrowthCallback(PlateauMonitor):
         before = self.widths()
         params_before = self.model.count_params()
         seed = None if self.seed is None else int(self.seed) + len(self._plans)
+        eps = 0.0 if self.eps is None else self.eps
         plans = {
-            name: make_plan(before[name], idx, symmetry=self.symmetry, eps=self.eps, seed=seed)
+            name: make_plan(before[name], idx, symmetry=self.symmetry, eps=eps, seed=seed)
             for name, idx in chosen.items()
         }
-        event = widen(self.model, plans, symmetry=self.symmetry, eps=self.eps, optimizer="carry")
+        if self.symmetry == "nudge" and self.eps is None:  # widen scales the nudge to each unit
+            event = widen(self.model, dict(chosen), symmetry="nudge", optimizer="carry")
+        else:
+            event = widen(self.model, plans, symmetry=self.symmetry, eps=eps, optimizer="carry")
         self._record(epoch, event, "split", plans)
         after = self.widths()
         self.last_added = sum(after.values()) - sum(before.values())

@@ -50,7 +50,7 @@ class SplitEvery(GrowthCallback):
         monitor="val_accuracy",
         mode="auto",
         min_delta=0.0,
-        eps=1e-3,
+        eps=None,
         probe=None,
         seed=None,
         backup_dir=None,

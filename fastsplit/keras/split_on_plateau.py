@@ -38,9 +38,10 @@ class SplitOnPlateau(GrowthCallback):
             ``probe``), ``"optimizer"`` (the optimizer's second-moment slots),
             ``"activation"`` (mean absolute activation on ``probe``), or a callable
             ``fn(layer, model) -> scores`` with one number per unit.
-        symmetry: how copies are told apart: ``"nudge"`` (bias offsets ``±eps``),
-            ``"noise"`` (Net2Net noise on the copies' incoming weights) or
-            ``"none"`` (exact copies, which Adam never separates).
+        symmetry: how copies are told apart: ``"nudge"`` (bias offsets, relative to each unit),
+            ``"noise"`` (Net2Net noise on the copies' incoming weights),
+            ``"asymmetric"`` (unequal outgoing shares, exact) or ``"none"``
+            (exact copies, which Adam never separates).
         max_units: largest width a layer may reach (an int for every layer, or a
             dict layer name -> int). A layer at its cap stops growing; one near
             it splits only its best-scoring units.
@@ -57,7 +58,8 @@ class SplitOnPlateau(GrowthCallback):
         verbose: 0 silent; 1 prints one line per growth event (epoch, layer,
             old → new units, parameters, monitored value), one per prune, and
             when it stops.
-        eps: bias offset of ``symmetry="nudge"`` (the article's 1e-3).
+        eps: an absolute bias offset for ``symmetry="nudge"`` (the article's 1e-3). By
+            default (None) each unit's offset is 1e-3 of its own scale, as in ``widen``.
         probe: held-back data for ``score="gradient"`` (``(x, y)``) and
             ``score="activation"`` (``x`` or ``(x, y)``); also the data of
             ``prune_dead`` when ``prune_data`` is not given.
@@ -124,7 +126,7 @@ class SplitOnPlateau(GrowthCallback):
         restore_best_weights=False,
         verbose=1,
         *,
-        eps=1e-3,
+        eps=None,
         probe=None,
         seed=None,
         backup_dir=None,
