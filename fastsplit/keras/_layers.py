@@ -32,15 +32,37 @@ def width_of(layer) -> int:
     return int(layer.kernel.shape[-1])
 
 
+#: the producers whose kernel's last axis holds their units, which the scores and widths here assume
+_SCORED = ("Dense", "Conv1D", "Conv2D", "Conv3D")
+
+
+def _unscored(model, group) -> str | None:
+    """Why the callbacks cannot rank and count the units of ``group`` (None when they can).
+
+    ConvTranspose and SeparableConv kernels keep their units elsewhere, and a Dense reshaped into
+    channels has fewer units than kernel columns: ``widen`` splits those, the callbacks do not yet.
+    """
+    layers = {lay.name: lay for lay in model._flatten_layers(include_self=False, recursive=True)}
+    for path in group.producers:
+        layer = layers.get(path.rsplit("/", 1)[-1])
+        if (layer is None or type(layer).__name__ not in _SCORED or getattr(layer, "groups", 1) != 1
+                or int(layer.kernel.shape[-1]) != int(group.width)):
+            kind = "?" if layer is None else type(layer).__name__
+            return (f"the growth callbacks rank and count units of Dense/Conv layers whose kernel's last axis "
+                    f"holds them; {path!r} ({kind}, {group.width} units) can be split with fastsplit.keras.widen")
+    return None
+
+
 def growable_layers(model, groups=None) -> list[str]:
     """Names of the hidden Dense/Conv layers whose units can be split, in graph order.
 
-    One name per coupled group whose ``refused`` is empty and that has a consumer: its
-    first producer. The output layer is never among them (the graph refuses units that
-    reach a model output). Cost: one walk over the graph unless ``groups`` is given.
+    One name per coupled group whose ``refused`` is empty, that has a consumer and whose
+    producers keep their units on the kernel's last axis: its first producer. The output
+    layer is never among them (the graph refuses units that reach a model output).
+    Cost: one walk over the graph unless ``groups`` is given.
     """
     groups = graph_groups(model) if groups is None else groups
-    return [g.producers[0] for g in groups if not g.refused and g.consumers]
+    return [g.producers[0] for g in groups if not g.refused and g.consumers and _unscored(model, g) is None]
 
 
 def why_not_growable(model, name, groups=None) -> str | None:
@@ -57,7 +79,7 @@ def why_not_growable(model, name, groups=None) -> str | None:
                     return f"layer {name!r} cannot grow: " + "; ".join(g.refused)
                 if not g.consumers:
                     return f"layer {name!r} has no consuming layer; the output layer never grows"
-                return None
+                return _unscored(model, g)
     can = f"the layers that can be grown are {growable_layers(model, groups)}"
     if layer is None:
         return f"the model has no layer named {name!r}; {can}"

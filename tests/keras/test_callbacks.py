@@ -464,3 +464,20 @@ def test_backup_and_restore_resumes_a_killed_grown_run(tmp_path):
     assert after["units_history"] == [8, 8, 8]  # capped at 8
     assert after["event_epochs"] == [0, 1]  # the events before the kill are remembered
     assert not os.path.exists(backup)  # BackupAndRestore cleaned up after finishing
+
+
+def test_producers_the_callbacks_cannot_rank_are_left_to_widen():
+    """A Conv2DTranspose keeps its units on the kernel's axis -2: widen splits it, the callbacks name it
+    as not growable (instead of reading a wrong width) when it is asked for."""
+    L = keras.layers
+    inp = keras.Input((4, 4, 2))
+    h = L.Conv2DTranspose(3, 3, padding="same", name="t")(inp)
+    h = L.Dense(5, activation="relu", name="d")(h)
+    model = keras.Model(inp, L.Dense(2, name="out")(L.Flatten()(h)))
+    model.compile("adam", "mse")
+    x, y = np.zeros((4, 4, 4, 2), "float32"), np.zeros((4, 2), "float32")
+    with pytest.raises(ValueError, match="'t'.*widen"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[SplitEvery(epochs=1, layers=["t"], verbose=0)])
+    grow = SplitEvery(epochs=1, verbose=0)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[grow])
+    assert [list(e.layers) for e in grow.events] == [["d"]]
