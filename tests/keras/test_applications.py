@@ -13,11 +13,17 @@ For each model:
   1e-5 relative, the model trains one more step with ``fit``, and ``model.save`` +
   ``keras.models.load_model`` give the same predictions and growth history.
 
-Inputs are the smallest each application accepts, with 4 classes and a batch of 2, so that a case
-costs seconds on a 2-core CPU. Run under each backend with ``KERAS_BACKEND``.
+Inputs are the smallest each application accepts (32x32; 71x71 Xception, 75x75 InceptionV3), with 4 classes,
+logits out and a batch of 2. The cost is per op and per variable, not per pixel: on a 2-core CPU the module
+takes about 4.5 CPU-minutes under TensorFlow (eager steps) and about half that under PyTorch; under JAX, where
+XLA compiles every initializer shape and both train steps, an application takes about 3 CPU-minutes, so
+there every application is marked slow.
+``-m "not slow"`` keeps the hand-written models and the lighter applications.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -119,17 +125,15 @@ def application(name, size, **kw):
         )
 
     build.__name__ = name
+    build.application = True
     return build
 
 
 #: name -> (builder, splittable groups expected once every layer on the way is supported, slow).
-#: The counts are read off the architectures (a group: one producer, or every producer of one residual
-#: stream / squeeze-excite product; the classifier's group reaches the model output):
-#: ResNet50(V2): stem + 4 stage streams + 2 per bottleneck x 16; MobileNetV2: stem + 16 expand + 7 streams
-#: + Conv_1; MobileNetV3Small: stem (with block 0's excite) + 8 expand + 9 SE reduce + 4 streams + block 0
-#: project + conv_1 + conv_2; EfficientNetB0: stem + 15 expand + 16 SE reduce + 7 streams + top_conv;
-#: ConvNeXtTiny: 4 stage streams (uniform: LayerNorm) + 18 pointwise_conv_1; VGG16: 13 convs + fc1 + fc2;
-#: Xception: 2 stem convs + 13 entry/exit sepconvs + 8 x 2 middle sepconvs - ... = 28 (see below).
+#: The counts are read off the architectures; a group is one producer, or every producer of one residual
+#: stream or squeeze-excite product; the classifier's group reaches the model output and is not counted.
+#: ``slow``: test_widen takes more than about 20 CPU-seconds under TensorFlow on a 2-core CPU (measured:
+#: 23-49 s; the others 1-21 s).
 MODELS = {
     # hand-written
     "dcgan_generator": (dcgan_generator, 3, False),  # g_dense, g_deconv1, g_deconv2
@@ -137,23 +141,38 @@ MODELS = {
     "squeeze_excite": (squeeze_excite, 3, False),  # {conv1, se_expand}, se_reduce, conv2
     "residual_operators": (residual_operators, 2, False),  # {stem, res_a, res_b2, res_dense}, res_b1
     # keras.applications
+    # stem + 4 stage streams + 2 per bottleneck x 16
     "ResNet50": (application("ResNet50", 32), 37, True),
     "ResNet50V2": (application("ResNet50V2", 32), 37, True),
+    # stem + 16 expand + 7 streams + Conv_1
     "MobileNetV2": (application("MobileNetV2", 32, alpha=0.35), 25, False),
+    # stem (with block 0's SE excite) + 8 expand (each with its SE excite) + 9 SE reduce + block 0 project
+    # + 4 streams + conv_1 + conv_2
     "MobileNetV3Small": (application("MobileNetV3Small", 32), 27, False),
-    "EfficientNetB0": (application("EfficientNetB0", 32), 40, True),
-    "EfficientNetV2B0": (application("EfficientNetV2B0", 32), 44, True),
+    # stem + 15 expand (each with its SE excite) + 16 SE reduce + 7 streams + top_conv
+    "EfficientNetB0": (application("EfficientNetB0", 32), 40, False),
+    # stem + 20 expand (16 with their SE excite) + 16 SE reduce + 6 streams + top_conv
+    "EfficientNetV2B0": (application("EfficientNetV2B0", 32), 44, False),
+    # stem + 58 x (conv1, conv2) + 3 transitions (Concatenate embeds, it does not couple)
     "DenseNet121": (application("DenseNet121", 32), 120, True),
+    # 4 stage streams (uniform: LayerNormalization) + 18 pointwise_conv_1
     "ConvNeXtTiny": (application("ConvNeXtTiny", 32), 22, True),
-    "VGG16": (application("VGG16", 32), 15, True),
+    # 13 convs + fc1 + fc2
+    "VGG16": (application("VGG16", 32), 15, False),
     # block1 conv1, conv2; blocks 2, 3, 13: sepconv1 + {sepconv2, shortcut conv}; block 4: sepconv1 +
-    # {sepconv2, shortcut conv, middle blocks' sepconv3}; 8 middle blocks: sepconv1, sepconv2; block 14: 2
-    "Xception": (application("Xception", 71), 28, True),
+    # {sepconv2, shortcut conv, the 8 middle blocks' sepconv3}; middle blocks: sepconv1, sepconv2; block 14: 2
+    "Xception": (application("Xception", 71), 28, False),
+    # 94 convs, joined only by Concatenate
     "InceptionV3": (application("InceptionV3", 75), 94, True),
 }
 
-CASES = [pytest.param(name, marks=[pytest.mark.slow] if slow else [], id=name)
-         for name, (_, _, slow) in MODELS.items()]
+#: JAX compiles every initializer shape and every train step (minutes per application on 2 cores):
+#: there, every application is slow.
+CASES = [
+    pytest.param(name, id=name,
+                 marks=[pytest.mark.slow] if slow or (BACKEND == "jax" and getattr(build, "application", False)) else [])
+    for name, (build, _, slow) in MODELS.items()
+]
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -195,11 +214,6 @@ def _describe(groups):
     )
 
 
-def _build(name):
-    keras.utils.set_random_seed(0)
-    return MODELS[name][0]()
-
-
 def _data(model, n=BATCH, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, *model.input_shape[1:])).astype("float32")
@@ -232,9 +246,26 @@ def _plans(groups, rng):
 # -- tests -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_groups(name):
-    model = _build(name)
+@contextlib.contextmanager
+def _step(what):
+    """Name the step of a case in any error it raises."""
+    try:
+        yield
+    except Exception as e:
+        e.add_note(f"(while {what})")
+        raise
+
+
+@pytest.fixture(scope="module", params=CASES)
+def built(request):
+    """(name, model): one model per case, shared by its two tests (test_groups only reads it, then
+    test_widen trains and widens it; pytest runs them in that order for each case)."""
+    keras.utils.set_random_seed(0)
+    return request.param, MODELS[request.param][0]()
+
+
+def test_groups(built):
+    name, model = built
     groups = fk.coupled_groups(model)
 
     listed = {p for g in groups for p in g.producers}
@@ -253,36 +284,42 @@ def test_groups(name):
     expected = MODELS[name][1]
     if splittable < expected:
         problems.append(f"{splittable} splittable groups, expected at least {expected}")
-    assert not problems, f"{name}:\n" + "\n".join(problems)
+    if problems:
+        pytest.fail(f"{name}:\n" + "\n".join(problems), pytrace=False)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_widen(name, tmp_path):
-    model = _build(name)
+def test_widen(built, tmp_path):
+    name, model = built
     model.compile(keras.optimizers.Adam(1e-3), "mse", run_eagerly=EAGER)
     x, y = _data(model)
     x_eval, _ = _data(model, seed=1)
-    model.train_on_batch(x, y)
+    with _step("training one step before widen"):
+        model.train_on_batch(x, y)
     before = _predict(model, x_eval)
     params_before = model.count_params()
 
     groups = fk.coupled_groups(model)
     plans = _plans(groups, np.random.default_rng(0))
     assert plans, f"{name}: no splittable group:\n{_describe(groups)}"
-    fk.widen(model, plans, symmetry="none")
-    after = _predict(model, x_eval)
+    with _step(f"widening {len(plans)} groups"):
+        fk.widen(model, plans, symmetry="none")
+    with _step("predicting with the widened model"):
+        after = _predict(model, x_eval)
     assert after.shape == before.shape
     assert model.count_params() > params_before
     err = _rel(before, after)
     assert err <= TOL, f"{name}: widening {len(plans)} groups changed the outputs by {err:.3g} (relative)"
 
-    hist = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    with _step("fit after widen"):
+        hist = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
     assert np.isfinite(hist.history["loss"][-1])
     trained = _predict(model, x_eval)
 
     path = tmp_path / "m.keras"
-    model.save(path)
-    loaded = keras.models.load_model(path)
+    with _step("saving the widened model"):
+        model.save(path)
+    with _step("loading the widened model"):
+        loaded = keras.models.load_model(path)
     assert len(fk.history(loaded)) == len(fk.history(model)) == 1
     err = _rel(trained, _predict(loaded, x_eval))
     assert err <= 1e-6, f"{name}: the reloaded model predicts differently ({err:.3g} relative)"
