@@ -23,17 +23,6 @@ from fastsplit.keras import _scores, _select  # noqa: E402
 from fastsplit.keras.split_every import SplitEvery  # noqa: E402
 from fastsplit.keras.split_on_plateau import SplitOnPlateau  # noqa: E402
 
-
-def _widen_available():
-    try:
-        from fastsplit.keras._widen import widen  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_widen = pytest.mark.skipif(not _widen_available(), reason="fastsplit.keras.widen is not importable yet")
-
 N_IN, N_OUT = 6, 3
 
 
@@ -172,7 +161,6 @@ def test_select_rules():
 # ------------------------------------------------------------------------------------------ plateau
 
 
-@needs_widen
 def test_grows_exactly_when_the_plateau_rule_says():
     # min_delta=0.01, patience=0: grow at the end of every epoch that improves by less than 0.01
     values = [0.50, 0.60, 0.605, 0.70, 0.70, 0.80, 0.85, 0.851]
@@ -183,7 +171,6 @@ def test_grows_exactly_when_the_plateau_rule_says():
     assert [e.layers["hidden"].new_width for e in cb.events] == [4, 8, 16]
 
 
-@needs_widen
 def test_patience_cooldown_and_start_from_epoch():
     flat = [0.5] * 9
     cb = SplitOnPlateau(patience=2, verbose=0)
@@ -197,7 +184,6 @@ def test_patience_cooldown_and_start_from_epoch():
     assert cb.event_epochs == [6, 7]  # epoch 5 is the first watched (the best so far)
 
 
-@needs_widen
 def test_mode_min_on_loss():
     values = [1.0, 0.8, 0.795, 0.5]
     cb = SplitOnPlateau(monitor="val_loss", min_delta=0.01, verbose=0)
@@ -208,7 +194,6 @@ def test_mode_min_on_loss():
 # --------------------------------------------------------------------------------------------- caps
 
 
-@needs_widen
 def test_max_units_caps_and_stop_when_grown_stops():
     flat = [0.5] * 10
     cb = SplitOnPlateau(max_units=5, verbose=0)
@@ -218,7 +203,6 @@ def test_max_units_caps_and_stop_when_grown_stops():
     assert len(h.history["loss"]) == 4
 
 
-@needs_widen
 def test_stop_when_grown_false_trains_on():
     cb = SplitOnPlateau(max_units=4, stop_when_grown=False, verbose=0)
     h = fit(make_model(2), [Script([0.5] * 5), cb], epochs=5)
@@ -226,7 +210,6 @@ def test_stop_when_grown_false_trains_on():
     assert len(h.history["loss"]) == 5 and cb.stopped_epoch == 0
 
 
-@needs_widen
 def test_max_params_caps_the_whole_model():
     model = make_model(2)
     cost = (N_IN + 1) + N_OUT  # one more hidden unit: incoming column, bias, outgoing row
@@ -302,7 +285,6 @@ class Nudge(keras.callbacks.Callback):
             layer.kernel.assign(k)
 
 
-@needs_widen
 def test_selective_growth_splits_the_unit_that_moved_most():
     cb = SplitOnPlateau(select=1, score="change", verbose=0)
     h = fit(make_model(4), [Script([0.5, 0.5, 0.9]), Nudge(1, 2), cb], epochs=3)
@@ -311,7 +293,6 @@ def test_selective_growth_splits_the_unit_that_moved_most():
     assert widths(h) == [4, 5, 5]
 
 
-@needs_widen
 def test_threshold_and_callable_score():
     cb = SplitOnPlateau(select=("threshold", 0.5), score=lambda layer, model: np.arange(4) / 4, verbose=0)
     fit(make_model(4), [Script([0.5, 0.5]), cb], epochs=2)
@@ -321,7 +302,6 @@ def test_threshold_and_callable_score():
 # ------------------------------------------------------------------------------------------- records
 
 
-@needs_widen
 def test_events_reach_logs_history_and_csvlogger(tmp_path):
     path = tmp_path / "log.csv"
     cb = SplitOnPlateau(verbose=0)
@@ -339,7 +319,6 @@ def test_events_reach_logs_history_and_csvlogger(tmp_path):
     json.dumps(ev.to_dict())
 
 
-@needs_widen
 def test_verbose_line(capsys):
     fit(make_model(2), [Script([0.5, 0.5]), SplitOnPlateau(verbose=1)], epochs=2)
     out = capsys.readouterr().out
@@ -347,7 +326,6 @@ def test_verbose_line(capsys):
     assert "val_accuracy 0.5000" in out
 
 
-@needs_widen
 def test_split_every():
     cb = SplitEvery(epochs=2, max_units=6, verbose=0)
     h = fit(make_model(2), [cb], epochs=7)
@@ -355,7 +333,6 @@ def test_split_every():
     assert widths(h) == [2, 4, 4, 6, 6, 6, 6]
 
 
-@needs_widen
 def test_training_goes_on_after_growth_and_loss_is_kept():
     x, y = data(256)
     model = make_model(2)
@@ -372,7 +349,6 @@ def test_training_goes_on_after_growth_and_loss_is_kept():
     np.testing.assert_allclose(model.evaluate(x, y, verbose=0)[0], before, rtol=1e-5)
 
 
-@needs_widen
 def test_restore_best_weights_after_growth():
     x, y = data()
 
@@ -440,7 +416,6 @@ with open(report, "w") as f:
 """
 
 
-@needs_widen
 def test_backup_and_restore_resumes_a_killed_grown_run(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=os.path.dirname(__file__)))
