@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from ..plan import SplitPlan
 from ._errors import GrowthError
 from ._rules import ELEMENTWISE, rule_for
@@ -76,7 +78,11 @@ class Graph:
         self.nested: list = []  # (nested model, None, outer input keys)
         self.opaque: dict = {}  # id(op) -> why its call could not be looked into
         self.user_layers: dict = {}  # path -> a user's layer that was looked into or has a registered rule
-        self.missing_bias: list = []  # (gid, path): producers where a "nudge" offset has nowhere to go
+        self.lost_offsets: list = []  # (gid, path, why): where a "nudge" offset cannot act
+        self.centering: list = []  # (op, label): ops that subtract each unit's own mean
+        self._calls: dict = {}  # id(nested model) -> how often the model's graph calls it
+        self._direct_reads: dict = {}  # id(layer) -> paths of traced layers that hold it but do not call it
+        self._count_calls(model)
         self._build(model, prefix="", outer_inputs=None, outer_outputs=None, top=True)
         self._parent = {}
         self.labels: dict = {}
@@ -92,7 +98,6 @@ class Graph:
         self.shape_tensors: list = []  # tensor keys whose unit axis may change
         self.layer_inputs: list = []  # (layer, node, input keys) for input specs / build shapes
         self._producer_gid: dict = {}
-        self._offset_cache: dict = {}
         self._label()
 
     # -- building the flat graph ------------------------------------------------------------------------
@@ -138,6 +143,17 @@ class Graph:
             for node in fn._nodes_by_depth[d]:
                 self._add_node(node, prefix)
 
+    def _count_calls(self, model):
+        seq, _ = _model_classes()
+        fn = model._functional if isinstance(model, seq) else model
+        for nodes in getattr(fn, "_nodes_by_depth", {}).values():
+            for node in nodes:
+                layer = node.operation
+                if _is_graph_model(layer):
+                    self._calls[id(layer)] = self._calls.get(id(layer), 0) + 1
+                    if self._calls[id(layer)] == 1:
+                        self._count_calls(layer)
+
     def _add_node(self, node, prefix):
         layer = node.operation
         if type(layer).__name__ == "InputLayer" or getattr(node, "is_input", False):
@@ -146,11 +162,15 @@ class Graph:
         self.layer_paths.setdefault(id(layer), path)
         ins = [self._add_tensor(t) for t in node.input_tensors]
         outs = [self._add_tensor(t) for t in node.output_tensors]
+        op = Op(layer, path, ins, outs, node)
         if _is_graph_model(layer):
+            if self._calls.get(id(layer), 0) > 1:  # its tensors cannot hold two calls' units: not looked into
+                self.opaque[id(op)] = f"the model is called {self._calls[id(layer)]} times in this graph"
+                self.ops.append(op)
+                return
             self.nested.append((layer, None, ins))
             self._build(layer, path + "/", ins, outs, top=False)
             return
-        op = Op(layer, path, ins, outs, node)
         if rule_for(layer) is None and _traceable(layer):
             try:
                 self._trace(op)
@@ -187,6 +207,11 @@ class Graph:
             self._add_tensor(kt)
             self.alias[outer] = id(kt)
         self.user_layers[op.path] = layer
+        called = {id(n.operation) for n in nodes}
+        for sub in touched[1:]:
+            if id(sub) not in called and sub.weights and not any(
+                    id(c) in called for c in touched[1:] if sub in c._flatten_layers(include_self=False)):
+                self._direct_reads.setdefault(id(sub), []).append(op.path)  # its weights, if used, are read directly
         for n in nodes:
             self._add_node(n, op.path + "/")
 
@@ -236,7 +261,12 @@ class Graph:
             for k in op.inputs:
                 consumers_of.setdefault(self.canon(k), []).append(op)
         self.consumers_of = consumers_of  # tensor key -> the ops that read it
+        calls: dict = {}  # id(layer) -> [(op, input labels, output label)]
+        reads: dict = {}  # id(variable) -> ops that take it as an argument (keras.ops calls)
         for op in order:
+            for _name, value in self._constants(op):
+                if hasattr(value, "path"):
+                    reads.setdefault(id(value), []).append(op)
             ins = [self.canon(k) for k in op.inputs]
             outs = [self.canon(k) for k in op.outputs]
             in_labels = [self.labels.get(k) for k in ins]
@@ -254,6 +284,10 @@ class Graph:
                     self.shape_tensors.append(k)
             if carried:
                 self.layer_inputs.append((op.layer, op.node, ins))
+            calls.setdefault(id(op.layer), []).append((op, in_labels, out_label))
+        self._check_repeated(calls)
+        self._check_reads(reads)
+        self._place_offsets()
         for k in self.model_outputs:
             lab = self.labels.get(self.canon(k))
             if lab is not None:
@@ -351,11 +385,8 @@ class Graph:
             if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
                 self.refusals.setdefault(g, []).append(f"layer {path!r} uses LoRA or quantization")
             self.uses.append(Use(layer, path, "kernel", kernel, kernel_axis, "incoming", ref))
-            target = self._offset_target(op)
             if bias is not None:
-                self.uses.append(Use(layer, path, "bias", bias, 0, "bias" if target is None else "state", ref))
-            elif target is None:
-                self.missing_bias.append((g, path))
+                self.uses.append(Use(layer, path, "bias", bias, 0, "bias", ref))  # _place_offsets may move it
             self.config(layer, attr, ref)
         ref = next(u.ref for u in self.uses if u.layer is layer and u.kind == "incoming")
         rank = len(self.out_shape(op))
@@ -372,16 +403,18 @@ class Graph:
     def state(self, op, label: Label, weights: dict, axis: int) -> None:
         """Per-unit weights (``{name: variable}``), copied with the units along ``axis``.
 
-        A normaliser's ``beta`` takes the symmetry offsets when it is the last one on
-        the private chain of a producer (see ``_offset_target``).
+        A centring normaliser's ``beta`` may take the symmetry offsets instead (``_place_offsets``).
         """
-        target = any(t is op for t in self._offset_cache.values())
         if _traceable(op.layer):
             self.user_layers.setdefault(op.path, op.layer)  # its config may hold the width
         for name, w in weights.items():
-            kind = "bias" if (target and name == "beta") else "state"
-            self.uses.append(Use(op.layer, op.path, name, w, axis, kind, label.ref, label.units.channels))
+            self.uses.append(Use(op.layer, op.path, name, w, axis, "state", label.ref, label.units.channels))
         self._touch(label.ref, op.path, op.layer)
+
+    def centers(self, op, label: Label) -> None:
+        """``op`` subtracts each unit's own mean (over the batch or the positions): an offset added to a unit
+        before it is lost in training, so the "nudge" offsets go to its ``beta`` (``_place_offsets``)."""
+        self.centering.append((op, label))
 
     def uniform(self, op, label: Label) -> None:
         """``op`` normalises across the units: exact only when every unit gets the same number of copies."""
@@ -484,25 +517,90 @@ class Graph:
         rule = rule_for(layer)
         return rule is not None and rule.unitwise
 
-    def _offset_target(self, op):
-        """The last normaliser with a beta on the producer's private chain, if any (see widen docs)."""
-        if id(op) in self._offset_cache:
-            return self._offset_cache[id(op)]
-        target = None
-        key = self.canon(op.outputs[0])
-        outputs = {self.canon(k) for k in self.model_outputs}
-        while key not in outputs:
-            nxt = self.consumers_of.get(key, [])
-            if len(nxt) != 1 or len(nxt[0].inputs) != 1 or len(nxt[0].outputs) != 1:
-                break
-            rule = rule_for(nxt[0].layer)
-            if rule is None or not (rule.unitwise or rule.normalizer or rule.channelwise):
-                break
-            if rule.normalizer and getattr(nxt[0].layer, "center", False):
-                target = nxt[0]
-            key = self.canon(nxt[0].outputs[0])
-        self._offset_cache[id(op)] = target
-        return target
+    # -- checks after the walk ---------------------------------------------------------------------------
+
+    def _sig(self, lab):
+        if lab is None:
+            return None
+
+        def ref_sig(ref):
+            if ref is None or isinstance(ref, GroupRef):
+                return ref and (self.find(ref.gid), ref.width, ref.expand)
+            return tuple((ref_sig(sub), width) for sub, width in ref.parts)
+
+        return ref_sig(lab.ref), lab.units
+
+    def _check_repeated(self, calls: dict) -> None:
+        """A layer called several times has one set of weights: every call must see the units alike
+        (``d(d(x))`` or one BatchNormalization on two streams would follow a split of one call only)."""
+        for entries in calls.values():
+            if len(entries) < 2:
+                continue
+            if len({(tuple(self._sig(lb) for lb in ins), self._sig(out)) for _op, ins, out in entries}) > 1:
+                op = entries[0][0]
+                self.refuse([lb for _op, ins, out in entries for lb in (*ins, out)],
+                            f"layer {op.path!r} is called {len(entries)} times on tensors whose units differ: its one "
+                            "set of weights cannot follow a split seen by only some of its calls")
+
+    def _check_reads(self, reads: dict) -> None:
+        """A weight read directly by another op (tied weights: ``ops.matmul(h, ops.transpose(self.src.kernel))``)
+        changes shape under that op too: refused unless the op's own rule took it into account."""
+        known = {(id(u.var), u.path) for u in self.uses}
+        for use in self.uses:
+            readers = [op.path for op in reads.get(id(use.var), []) if (id(use.var), op.path) not in known]
+            readers += self._direct_reads.get(id(use.layer), [])
+            for path in readers:
+                self.refuse(Label(use.ref, Units(0, 1)),
+                            f"{path!r} reads the weight {use.path}/{use.attr} directly (tied weights), which a split "
+                            "would reshape under it")
+
+    def _place_offsets(self) -> None:
+        """Where each group's "nudge" offsets go. An offset added to a unit before an op that subtracts each
+        unit's own mean (BatchNormalization, one-channel groups) is lost in training, so it goes to the
+        ``beta`` of the last such op on each path to the consumers; with no ``beta`` there (``center=False``)
+        the nudge cannot act. With no such op, the producers' biases take it."""
+        roots = {self.find(g) for g in self.group_width}
+        for root in sorted(roots):
+            producers = [lay for g in self.group_width if self.find(g) == root for _p, lay in self.producers.get(g, [])]
+            norms = [op for op, lab in self.centering if root in groups_of(lab.ref, self.find)]
+            if not norms:
+                for g in self.group_width:
+                    for path, layer in self.producers.get(g, []) if self.find(g) == root else []:
+                        if not any(u.layer is layer and u.kind == "bias" for u in self.uses):
+                            self.lost_offsets.append((root, path, f"layer {path!r} has no bias and no normalisation "
+                                                                  "after it"))
+                continue
+            reached = {id(op): self._reached(op, root) for op in norms}
+            last = [op for op in norms if not any(id(o) in reached[id(op)] for o in norms if o is not op)]
+            for use in self.uses:
+                if use.kind == "bias" and any(use.layer is lay for lay in producers):
+                    use.kind = "state"
+            for op in last:
+                betas = [u for u in self.uses
+                         if u.layer is op.layer and u.attr == "beta" and root in groups_of(u.ref, self.find)]
+                for u in betas:
+                    u.kind = "bias"
+                if not betas:
+                    self.lost_offsets.append((root, op.path, f"layer {op.path!r} subtracts each unit's mean and has "
+                                                             "no beta (center=False) to carry the offsets"))
+
+    def _reached(self, start, root) -> set:
+        """ids of the ops that the units of group ``root`` reach from ``start``'s output."""
+        seen: set = set()
+        consumers = {p for g, paths in self.consumers.items() if self.find(g) == root for p in paths}
+        stack = [self.canon(k) for k in start.outputs]
+        while stack:
+            for op in self.consumers_of.get(stack.pop(), []):
+                if id(op) in seen:
+                    continue
+                seen.add(id(op))
+                if op.path in consumers:
+                    continue  # its output holds new values, even where it is coupled to the same units
+                for k in op.outputs:
+                    lab = self.labels.get(self.canon(k))
+                    if lab is not None and root in groups_of(lab.ref, self.find):
+                        stack.append(self.canon(k))
+        return seen
 
     # -- public view -----------------------------------------------------------------------------------
 
@@ -538,6 +636,10 @@ def check_plan(plan, width: int, name: str) -> None:
             f"the plan for {name!r} must be a SplitPlan, neuron indices or None, got {type(plan).__name__}")
     if plan.width != width:
         raise GrowthError(f"the plan for {name!r} has width {plan.width}, but the layer has {width} units")
+    for what in ("ratio", "offset"):
+        values = np.asarray(getattr(plan, what), dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise GrowthError(f"the plan for {name!r} has a non-finite {what}: {values[~np.isfinite(values)][:3]}")
 
 
 __all__ = ["Graph", "check_plan"]

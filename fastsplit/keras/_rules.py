@@ -43,18 +43,11 @@ class Rule:
         unitwise: each output unit is a function of the same input unit only,
             and the output holds the units where the input did (activations,
             dropout, per-unit state): unit statistics may be read after it.
-        normalizer: the layer normalises its input and has a ``beta`` that
-            can carry a producer's symmetry-breaking offset.
-        channelwise: the layer works on each channel alone, over positions
-            (pooling, padding): an offset added before it could as well be
-            added after it.
     """
 
     fn: Callable
     produces: bool = False
     unitwise: bool = False
-    normalizer: bool = False
-    channelwise: bool = False
 
 
 _RULES: dict = {}
@@ -206,6 +199,7 @@ def _batchnorm(walk, op, labels):
     if layer.axis % lab.units.rank != lab.units.axis:
         return walk.refuse(lab, f"layer {op.path!r} normalises across the split units")
     walk.state(op, lab, walk.weights(layer), 0)
+    walk.centers(op, lab)
     return lab
 
 
@@ -216,6 +210,8 @@ def _layernorm(walk, op, labels):
     if lab.units.axis in axes:
         walk.uniform(op, lab)
         walk.state(op, lab, walk.weights(layer), axes.index(lab.units.axis))
+    elif type(layer).__name__ != "RMSNormalization" and not getattr(layer, "rms_scaling", False):
+        walk.centers(op, lab)  # each unit normalised over other axes on its own
     return lab
 
 
@@ -230,6 +226,7 @@ def _groupnorm(walk, op, labels):
                                 "one group per unit keep the function when units are copied")
     else:
         walk.config(layer, "groups", lab.ref)
+        walk.centers(op, lab)
     walk.state(op, lab, walk.weights(layer), 0)
     return lab
 
@@ -426,9 +423,9 @@ def _builtins() -> None:
     reg([L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose], _conv_like(-1, -2), produces=True)
     reg([L.SeparableConv1D, L.SeparableConv2D], _separable, produces=True)
     reg([L.DepthwiseConv1D, L.DepthwiseConv2D], _depthwise)
-    reg([L.BatchNormalization], _batchnorm, unitwise=True, normalizer=True)
-    reg([L.LayerNormalization, *opt(L, "RMSNormalization")], _layernorm, normalizer=True)
-    reg([L.GroupNormalization], _groupnorm, normalizer=True)
+    reg([L.BatchNormalization], _batchnorm, unitwise=True)
+    reg([L.LayerNormalization, *opt(L, "RMSNormalization")], _layernorm)
+    reg([L.GroupNormalization], _groupnorm)
     reg([L.UnitNormalization], _unitnorm)
     reg([L.PReLU], _prelu, unitwise=True)
     reg([L.Activation], _activation, unitwise=True)
@@ -440,7 +437,7 @@ def _builtins() -> None:
          L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D,
          L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
          *opt(L, "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D",
-              "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D")], _spatial, channelwise=True)
+              "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D")], _spatial)
     reg([L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D, L.GlobalMaxPooling1D,
          L.GlobalMaxPooling2D, L.GlobalMaxPooling3D], _global_pool)
     reg([L.Flatten, L.Reshape], _reshape)
