@@ -123,11 +123,13 @@ def reset_value(opt_of_slot, slot):
     return 0.0
 
 
-def owner_of(optimizer, slot):
-    for opt in unwrap(optimizer):
-        if any(v is slot for v in getattr(opt, "_variables", [])):
-            return opt
-    return optimizer
+def owner_of(optimizers, slot):
+    """The optimizer among ``optimizers`` (and those they wrap) that holds ``slot``."""
+    for outer in optimizers:
+        for opt in unwrap(outer):
+            if any(v is slot for v in getattr(opt, "_variables", [])):
+                return opt
+    return optimizers[0]
 
 
 def rekey(optimizer, old_keys: dict) -> None:

@@ -54,7 +54,7 @@ from ._errors import GrowthError
 from ._event import GrowthEvent
 from ._graph import Graph
 from ._stats import Reduction, model_inputs, probe, resolve_layers
-from ._surgery import Edit, apply, backend_used, collect, sync_jax
+from ._surgery import Edit, apply, backend_used, check_args, check_number, collect, sync_jax
 from ._units import GroupRef, evaluate
 
 # -- plans on tensor axes -----------------------------------------------------------------------------------
@@ -171,13 +171,6 @@ def _empty_event(model, optimizer: str, backend: str, t0: float, kind: str) -> G
     return GrowthEvent(params_before=n, params_after=n, symmetry="none", optimizer=optimizer, kind=kind,
                        backend=backend_used(backend), keras_backend=_vars.backend_name(),
                        times={"total": time.perf_counter() - t0})
-
-
-def _check_common(model, optimizer):
-    if optimizer not in ("carry", "reset"):
-        raise GrowthError(f"optimizer must be 'carry' or 'reset', got {optimizer!r}")
-    if not getattr(model, "built", False):
-        raise GrowthError(f"model {model.name!r} is not built yet: build or fit it first")
 
 
 def _refuse(grp, path, what):
@@ -306,7 +299,7 @@ def prune(model, units, *, data=None, optimizer: str = "carry", backend: str = "
     ``compact_many`` call (two when a kernel is compacted on both axes).
     """
     t0 = time.perf_counter()
-    _check_common(model, optimizer)
+    check_args(model, optimizer, backend)
     if not isinstance(units, Mapping):
         raise GrowthError(f"units must map layer names to unit indices, got {type(units).__name__}")
     sync_jax(model)
@@ -428,10 +421,8 @@ def merge_twins(model, *, atol: float = 0.0, layers=None, optimizer: str = "carr
     as :func:`prune`.
     """
     t0 = time.perf_counter()
-    _check_common(model, optimizer)
-    atol = float(atol)
-    if not np.isfinite(atol) or atol < 0:
-        raise GrowthError(f"atol must be a non-negative number, got atol={atol!r}")
+    check_args(model, optimizer, backend)
+    atol = check_number("atol", atol)
     sync_jax(model)
     graph = Graph(model)
     groups = graph.groups()

@@ -114,6 +114,9 @@ def model_inputs(model, data, what: str = "data") -> list[np.ndarray]:
             )
         if not np.issubdtype(a.dtype, np.number) and a.dtype != bool:
             raise GrowthError(f"{what} for input {t.name!r} has dtype {a.dtype}; expected numbers")
+        if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
+            raise GrowthError(f"{what} for input {t.name!r} holds {int(np.size(a) - np.isfinite(a).sum())} NaN or "
+                              "infinite values: unit statistics on it would be meaningless")
         if n is not None and a.shape[0] != n:
             raise GrowthError(f"{what}: the inputs have different numbers of samples ({n} and {a.shape[0]})")
         n = a.shape[0]
@@ -170,7 +173,13 @@ def probe(graph: Graph, xs: list, keys, batch_size: int = 256):
             flat = outputs if isinstance(outputs, (list, tuple)) else [outputs]
             for k, y in zip(op.outputs, flat, strict=False):
                 values[graph.canon(k)] = y
-        yield {k: np.asarray(ops.convert_to_numpy(values[k])) for k in keys}
+        out = {k: np.asarray(ops.convert_to_numpy(values[k])) for k in keys}
+        for k, a in out.items():
+            if not np.all(np.isfinite(a)):
+                where = next((op.path for op in ops_needed if k in {graph.canon(o) for o in op.outputs}), "an input")
+                raise GrowthError(f"the output of {where!r} is not finite (NaN or inf) on the data at samples "
+                                  f"{start}..{start + len(a) - 1}: unit statistics on it would be meaningless")
+        yield out
 
 
 class Reduction:

@@ -35,6 +35,7 @@ from . import _history, _optim, _vars
 from ._errors import GrowthError
 from ._event import GrowthEvent, LayerGrowth
 from ._graph import Graph
+from ._holders import find_holders
 from ._units import evaluate, new_length, same_plan
 
 #: a Use's kind -> the core role of a producing-side tensor
@@ -141,6 +142,32 @@ def collect(graph: Graph, groups, specs: Mapping, make, different: str) -> tuple
     return chosen, named
 
 
+def check_args(model, optimizer: str, backend: str) -> None:
+    """The arguments every edit takes, checked before anything is read."""
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise GrowthError(f"model must be a keras.Model, got {type(model).__module__}.{type(model).__qualname__}")
+    if optimizer not in ("carry", "reset"):
+        raise GrowthError(f"optimizer must be 'carry' or 'reset', got optimizer={optimizer!r}")
+    if backend not in ("auto", "numba", "numpy", "cupy"):
+        raise GrowthError(f"backend must be 'auto', 'numba', 'numpy' or 'cupy', got backend={backend!r}")
+    if not getattr(model, "built", False):
+        raise GrowthError(f"model {model.name!r} is not built yet: build or fit it first")
+
+
+def check_number(name: str, value, *, optional: bool = False) -> float:
+    """A finite, non-negative real number (None when ``optional``), or GrowthError naming it."""
+    import numbers
+
+    if value is None and optional:
+        return None
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not np.isfinite(float(value))
+            or value < 0):
+        raise GrowthError(f"{name} must be a finite non-negative number, got {name}={value!r}")
+    return float(value)
+
+
 def count_params(layer) -> int:
     return int(sum(int(np.prod(w.shape)) for w in layer.weights))
 
@@ -151,9 +178,14 @@ def sync_jax(model) -> None:
         model.jax_state_sync()
 
 
-def reset_functions(model) -> None:
+def reset_functions(model, setattr_undo=setattr) -> None:
+    """Rebuild the model's traced functions that exist (the next call traces with the new variables).
+
+    Rebuilt rather than dropped: a running ``fit`` looks ``train_function`` up at every step.
+    """
     for kind in ("train", "test", "predict"):
         if getattr(model, f"{kind}_function", None) is not None:
+            setattr_undo(model, f"{kind}_function", getattr(model, f"{kind}_function"))
             getattr(model, f"make_{kind}_function")(force=True)
 
 
@@ -168,8 +200,8 @@ def backend_used(backend: str) -> str:
 # -- the pipeline ---------------------------------------------------------------------------------------
 
 
-def _entries(graph: Graph, model, edit: Edit, optimizer: str) -> tuple[list, str]:
-    """Phase 1: every variable and slot to rewrite, with its steps; and the optimizer mode."""
+def _entries(graph: Graph, edit: Edit, optimizer: str, opts: list) -> tuple[list, str]:
+    """Phase 1: every variable and slot (of the optimizers ``opts``) to rewrite, with its steps; the optimizer mode."""
     verb = _VERBS[edit.kind][0]
     steps: dict = {}
     owners: dict = {}
@@ -186,14 +218,20 @@ def _entries(graph: Graph, model, edit: Edit, optimizer: str) -> tuple[list, str
             if clash[0].kind == use.kind and same_plan(clash[0].plan, p):
                 continue
             raise GrowthError(f"{use.path}/{use.attr} would be {verb} twice on axis {axis} with different plans")
+        if use.kind == "bias":
+            _check_offsets(use, p)
         lst.append(Step(axis, p, use.kind, use.channels))
     for lst in steps.values():
         lst.sort(key=lambda s: s.side == "consuming")  # producing axis first (noise sees the original columns)
     for var in edit.extra:
         owners.setdefault(id(var), var)
 
-    opt = getattr(model, "optimizer", None)
-    slots, unknown = _optim.slot_map(opt, optimizer)
+    slots, unknown = {}, None
+    for opt in opts:
+        more, unknown_here = _optim.slot_map(opt, optimizer)
+        for key, lst in more.items():
+            slots.setdefault(key, []).extend(lst)
+        unknown = unknown or unknown_here
     opt_mode = optimizer if unknown is None else f"reset:{unknown}"
     entries: list[Entry] = []
     for key, var in owners.items():
@@ -211,7 +249,7 @@ def _entries(graph: Graph, model, edit: Edit, optimizer: str) -> tuple[list, str
                     f"{tuple(var.shape)}: fastsplit cannot carry it; use optimizer='reset' or a supported optimizer"
                 )
             if slot_kind == "reset":
-                fill = _optim.reset_value(_optim.owner_of(opt, slot), slot)
+                fill = _optim.reset_value(_optim.owner_of(opts, slot), slot)
                 entries.append(Entry(slot, None, roles, fill=fill))
             else:
                 sroles = [(a, p, _optim.ROLE[(slot_kind, s.side)], ch)
@@ -227,16 +265,31 @@ def _entries(graph: Graph, model, edit: Edit, optimizer: str) -> tuple[list, str
     return entries, opt_mode
 
 
+def _check_offsets(use, plan) -> None:
+    """Offsets that the variable's dtype cannot hold (``eps=1e300`` on float32) are refused, not written as inf."""
+    name = str(use.var.dtype)
+    limit = 3.0e38 if name == "bfloat16" else float(np.finfo(np.dtype(name)).max)
+    biggest = float(np.max(np.abs(plan.offset), initial=0.0))
+    if not biggest < limit / 2:
+        raise GrowthError(f"{use.path}/{use.attr} ({name}) cannot hold symmetry offsets of size {biggest:.3g}: "
+                          "give a smaller eps or nudge")
+
+
 def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: float,
           times: dict | None = None) -> GrowthEvent:
     """Carry out ``edit`` on ``model`` in place (phases 1 to 7); returns the recorded GrowthEvent.
 
-    Raises GrowthError (or SplitError from the kernel) with the model, its optimizer and its
-    history exactly as before.
+    Every other live model that holds a changed layer is checked first (``_holders``): one that would
+    stop working refuses the edit; the others get their symbolic shapes, optimizer slots and traced
+    functions updated with ``model``'s. Raises GrowthError (or SplitError from the kernel) with the
+    models, their optimizers and the history exactly as before.
     """
     times = {} if times is None else times
     name = _VERBS[edit.kind][1]
-    entries, opt_mode = _entries(graph, model, edit, optimizer)
+    holders = find_holders(model, graph, edit.plans)
+    models = [model, *(h.model for h in holders)]
+    opts = list({id(o): o for m in models if (o := getattr(m, "optimizer", None)) is not None}.values())
+    entries, opt_mode = _entries(graph, edit, optimizer, opts)
     times["plan"] = time.perf_counter() - t0
 
     # -- export, kernel, import, variables (nothing in the model changes) -----------------------------
@@ -274,7 +327,7 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
         e.value = None
     times["variables"] = time.perf_counter() - t
 
-    # -- swap --------------------------------------------------------------------------------------
+    # -- swap, retrace, record: every change is undone if any step fails ------------------------------
     t = time.perf_counter()
     opt = getattr(model, "optimizer", None)
     params_before = int(model.count_params())
@@ -282,10 +335,12 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
                for g in edit.plans}
     layer_before = {p: count_params(lay) for g in edit.plans for p, lay in members[g]}
     old_keys = {}
-    for o in _optim.unwrap(opt):
-        for v in getattr(o, "_trainable_variables", []) or []:
-            old_keys[id(v)] = o._var_key(v)
+    for o in opts:
+        for inner in _optim.unwrap(o):
+            for v in getattr(inner, "_trainable_variables", []) or []:
+                old_keys[id(v)] = inner._var_key(v)
     undo_vars, undo_attrs = [], []
+    history_before = _history_state(model)
 
     def setattr_undo(obj, attr, value):
         undo_attrs.append((obj, attr, getattr(obj, attr)))
@@ -294,49 +349,72 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
     try:
         for var, value in prepared:
             undo_vars.append(_vars.install(var, value))
-        update_graph(graph, edit.plans, setattr_undo)
-        _optim.rekey(opt, old_keys)
-        _vars.retrack(model)
+        done: set = set()
+        update_graph(graph, edit.plans, setattr_undo, done)
+        for h in holders:
+            if h.graph is not None:
+                update_graph(h.graph, h.plans, setattr_undo, done)
+        for o in opts:
+            _optim.rekey(o, old_keys)
+        for m in models:
+            _vars.retrack(m)
+        times["swap"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for m in models:
+            reset_functions(m, setattr_undo)
+        times["retrace"] = time.perf_counter() - t
+        event = GrowthEvent(
+            params_before=params_before,
+            params_after=int(model.count_params()),
+            symmetry=edit.symmetry,
+            optimizer=opt_mode,
+            iteration=None if opt is None or not getattr(opt, "built", False) else int(np.asarray(opt.iterations)),
+            backend=backend_used(backend),
+            keras_backend=_vars.backend_name(),
+            tensors=len(entries),
+            bytes_new=int(sum(int(np.prod(e.new_shape)) * _itemsize(e.target) for e in entries)),
+            split_calls=calls,
+            kind=edit.kind,
+        )
+        for i, (g, p) in enumerate(sorted(edit.plans.items())):
+            units = edit.neurons(p)
+            for path, layer in members[g]:
+                event.layers[path] = LayerGrowth(path, p.width, p.new_width, units, layer_before.get(path, 0),
+                                                 count_params(layer), i)
+        times["total"] = time.perf_counter() - t0
+        event.times = times
+        _history.record(model, event)
     except BaseException:
+        _restore_history(model, history_before)
         for obj, attr, value in reversed(undo_attrs):
             setattr(obj, attr, value)
         for u in reversed(undo_vars):
             _vars.restore(u)
         try:
-            _optim.rekey(opt, {})
-            _vars.retrack(model)
+            for o in opts:
+                _optim.rekey(o, {})
+            for m in models:
+                _vars.retrack(m)
         finally:
             raise
-    prepared = None
-    times["swap"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    reset_functions(model)
-    times["retrace"] = time.perf_counter() - t
-
-    # -- the event ---------------------------------------------------------------------------------
-    event = GrowthEvent(
-        params_before=params_before,
-        params_after=int(model.count_params()),
-        symmetry=edit.symmetry,
-        optimizer=opt_mode,
-        iteration=None if opt is None or not getattr(opt, "built", False) else int(np.asarray(opt.iterations)),
-        backend=backend_used(backend),
-        keras_backend=_vars.backend_name(),
-        tensors=len(entries),
-        bytes_new=int(sum(int(np.prod(e.new_shape)) * _itemsize(e.target) for e in entries)),
-        split_calls=calls,
-        kind=edit.kind,
-    )
-    for i, (g, p) in enumerate(sorted(edit.plans.items())):
-        units = edit.neurons(p)
-        for path, layer in members[g]:
-            event.layers[path] = LayerGrowth(path, p.width, p.new_width, units, layer_before.get(path, 0),
-                                             count_params(layer), i)
-    times["total"] = time.perf_counter() - t0
-    event.times = times
-    _history.record(model, event)
     return event
+
+
+_ABSENT = object()
+
+
+def _history_state(model) -> tuple:
+    return model.__class__, {k: vars(model).get(k, _ABSENT) for k in ("_fastsplit_history", "get_config")}
+
+
+def _restore_history(model, state) -> None:
+    cls, attrs = state
+    model.__class__ = cls
+    for k, v in attrs.items():
+        if v is _ABSENT:
+            vars(model).pop(k, None)
+        else:
+            vars(model)[k] = v
 
 
 def _itemsize(var) -> int:
@@ -381,13 +459,19 @@ def run_kernels(split: list, backend: str, run=None) -> int:
 # -- the swap: widths, configs and shapes ------------------------------------------------------------------
 
 
-def update_graph(graph: Graph, plans: dict, setattr_undo) -> None:
-    """Layer widths and configs, symbolic tensor shapes, input specs and build shapes after the swap."""
+def update_graph(graph: Graph, plans: dict, setattr_undo, done: set | None = None) -> None:
+    """Layer widths and configs, symbolic tensor shapes, input specs and build shapes after the swap.
+
+    ``done`` holds the config entries already rewritten by another graph over the same layers (a model
+    that holds them too): each is rewritten once.
+    """
     find = graph.find
+    done = set() if done is None else done
     for obj, attr, ref, index in graph.configs:
         p = evaluate(ref, plans, find)
-        if p is None:
+        if p is None or (id(obj), attr, index) in done:
             continue
+        done.add((id(obj), attr, index))
         value = getattr(obj, attr)
         if index is None:
             setattr_undo(obj, attr, new_length(int(value), p))
@@ -395,7 +479,7 @@ def update_graph(graph: Graph, plans: dict, setattr_undo) -> None:
             items = list(value)
             items[index] = new_length(int(items[index]), p)
             setattr_undo(obj, attr, type(value)(items))
-    _update_user_configs(graph, plans, setattr_undo)
+    _update_user_configs(graph, plans, setattr_undo, done)
     new_shapes = {}
     for key in dict.fromkeys(graph.shape_tensors):
         lab = graph.labels[key]
@@ -424,13 +508,16 @@ def update_graph(graph: Graph, plans: dict, setattr_undo) -> None:
         _fix_build_shapes(layer, old, new, setattr_undo)
 
 
-def _update_user_configs(graph: Graph, plans: dict, setattr_undo) -> None:
+def _update_user_configs(graph: Graph, plans: dict, setattr_undo, done: set) -> None:
     """A user's layer (looked into, or with a registered rule) keeps its widths in its own config
     (``LayerScale(projection_dim)``, ``Block(units)``): every integer config entry equal to the old length
     of an axis the edit changes inside the layer, and held by the attribute of that name, takes the new
     length, so the layer saves and loads at its new size. An entry whose old length maps to two new
     lengths is left alone."""
     for path, layer in graph.user_layers.items():
+        if (id(layer), "config", None) in done:
+            continue
+        done.add((id(layer), "config", None))
         changes: dict = {}
         for use in graph.uses:
             if use.path == path or use.path.startswith(path + "/"):
@@ -510,5 +597,5 @@ def _fix_build_shapes(layer, old, new, setattr_undo):
     setattr_undo(layer, "_build_shapes_dict", fixed)
 
 
-__all__ = ["Edit", "Entry", "apply", "backend_used", "collect", "count_params", "lookup", "reset_functions",
+__all__ = ["Edit", "Entry", "apply", "backend_used", "check_args", "check_number", "collect", "count_params", "lookup", "reset_functions",
            "run_kernels", "sync_jax", "update_graph"]

@@ -12,16 +12,19 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from .._errors import SplitError
+from ..compact import CompactPlan
 from ..plan import SplitPlan
 from ..plan import plan as make_plan
 from ._errors import GrowthError
 from ._event import GrowthEvent
 from ._graph import Graph, check_plan
-from ._surgery import Edit, apply, collect, sync_jax
+from ._surgery import Edit, apply, check_args, check_number, collect, sync_jax
 from ._units import GroupRef, evaluate
 
 #: the default size of a ``"nudge"``, relative to each unit's own scale
 NUDGE = 1e-3
+SYMMETRIES = ("nudge", "noise", "asymmetric", "none")
 
 
 def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nudge: float = NUDGE,
@@ -69,12 +72,13 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
     """
     t0 = time.perf_counter()
     times = {}
-    if optimizer not in ("carry", "reset"):
-        raise GrowthError(f"optimizer must be 'carry' or 'reset', got {optimizer!r}")
+    check_args(model, optimizer, backend)
     if not isinstance(plans, Mapping):
         raise GrowthError(f"plans must map layer names to plans, got {type(plans).__name__}")
-    if not getattr(model, "built", False):
-        raise GrowthError(f"model {model.name!r} is not built yet: build or fit it before widening")
+    if symmetry not in SYMMETRIES:
+        raise GrowthError(f"symmetry must be one of {SYMMETRIES}, got symmetry={symmetry!r}")
+    eps = check_number("eps", eps, optional=True)
+    nudge = check_number("nudge", nudge)
     sync_jax(model)
 
     # -- plan ---------------------------------------------------------------------------------------
@@ -82,12 +86,15 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
     groups = graph.groups()
     by_root = {g.gid: g for g in groups}
 
-    if not np.isfinite(nudge) or nudge < 0:
-        raise GrowthError(f"nudge must be a non-negative number, got nudge={nudge!r}")
-
     def make(spec, grp, path):
+        if isinstance(spec, CompactPlan):
+            raise GrowthError(f"the plan for {path!r} is a CompactPlan, which removes units: use "
+                              "fastsplit.keras.prune to apply it")
         if spec is None or not isinstance(spec, SplitPlan):
-            spec = make_plan(grp.width, spec, symmetry=symmetry, eps=nudge if eps is None else eps)
+            try:
+                spec = make_plan(grp.width, spec, symmetry=symmetry, eps=nudge if eps is None else eps)
+            except SplitError as exc:
+                raise SplitError(f"the plan for {path!r}: {exc}") from None
             if eps is None and symmetry == "nudge":
                 spec = spec.scaled(unit_scales(graph, grp.gid, grp.width))
         check_plan(spec, grp.width, path)
@@ -109,15 +116,11 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
                     f"{p.counts.max()} copies. Split all units of {named.get(graph.find(g), '?')!r} (neurons=None)"
                 )
 
-    for g, path in graph.missing_bias:
+    for g, _path, why in graph.lost_offsets:
         p = chosen.get(graph.find(g))
         if p is not None and np.any(p.offset != 0):
-            warnings.warn(
-                f"layer {path!r} has no bias and no normalisation after it: symmetry='nudge' cannot separate "
-                "its copies; use symmetry='noise'",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warnings.warn(f"{why}: symmetry='nudge' cannot separate the copies of {named[graph.find(g)]!r}; use "
+                          "symmetry='noise'", RuntimeWarning, stacklevel=2)
 
     edit = Edit("split", chosen, symmetry, neurons=lambda p: np.unique(p.src[p.is_copy]).tolist())
     return apply(model, graph, edit, optimizer=optimizer, backend=backend, t0=t0, times=times)
