@@ -170,7 +170,7 @@ def test_a_nudge_that_a_normaliser_cancels_warns(use_bias):
     with pytest.warns(RuntimeWarning, match="center=False.*cannot separate"):
         fk.widen(model, {"d": None})
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", RuntimeWarning)
         fk.widen(_norm_model(center=True, use_bias=use_bias), {"d": None})
         fk.widen(_norm_model(center=False, use_bias=use_bias), {"d": None}, symmetry="noise")
 

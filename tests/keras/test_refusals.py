@@ -8,7 +8,7 @@ from conftest import BACKEND, L, assert_same, compiled, data, keras, predict, sn
 
 import fastsplit
 import fastsplit.keras as fk
-from fastsplit.keras import _surgery, _vars
+from fastsplit.keras import _history, _surgery, _vars
 
 
 class Scale(keras.layers.Layer):
@@ -173,7 +173,7 @@ def _fail_on(monkeypatch, module, name, n):
 
 
 @pytest.mark.parametrize("where", [(_vars, "prepare", 5), (_vars, "install", 7), (_surgery, "_fix_build_shapes", 2),
-                                   (_vars, "retrack", 1)])
+                                   (_vars, "retrack", 1), (_surgery, "reset_functions", 1), (_history, "record", 1)])
 def test_atomic_on_failure(monkeypatch, where):
     model, x, y = compiled("cnn")
     before, out = snapshot(model), predict(model, x)
