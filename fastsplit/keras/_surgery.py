@@ -168,6 +168,14 @@ def check_number(name: str, value, *, optional: bool = False) -> float:
     return float(value)
 
 
+def optimizers_of(model) -> list:
+    """The model's optimizer and any other optimizer it holds (a GAN's ``g_optimizer``, ``d_optimizer``)."""
+    import keras
+
+    found = [getattr(model, "optimizer", None), *vars(model).values()]
+    return list({id(o): o for o in found if isinstance(o, keras.optimizers.Optimizer)}.values())
+
+
 def count_params(layer) -> int:
     return int(sum(int(np.prod(w.shape)) for w in layer.weights))
 
@@ -288,7 +296,7 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
     name = _VERBS[edit.kind][1]
     holders = find_holders(model, graph, edit.plans)
     models = [model, *(h.model for h in holders)]
-    opts = list({id(o): o for m in models if (o := getattr(m, "optimizer", None)) is not None}.values())
+    opts = list({id(o): o for m in models for o in optimizers_of(m)}.values())
     entries, opt_mode = _entries(graph, edit, optimizer, opts)
     times["plan"] = time.perf_counter() - t0
 

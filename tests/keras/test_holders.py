@@ -275,3 +275,55 @@ def test_not_a_model():
         fk.widen(object(), {"d": None})
     with pytest.raises(fk.GrowthError, match="keras.Model"):
         fk.prune(L.Dense(3), {"d": [0]})
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the keras.io GAN's train_step uses tf.GradientTape")
+def test_widening_the_generator_of_a_subclassed_gan_keeps_it_training():
+    """keras.io's DCGAN: a subclassed model holds the generator and two optimizers of its own."""
+    import tensorflow as tf
+
+    latent = 4
+
+    class GAN(keras.Model):
+        def __init__(self, discriminator, generator):
+            super().__init__()
+            self.discriminator, self.generator = discriminator, generator
+
+        def compile(self, d_optimizer, g_optimizer, loss_fn):
+            super().compile()
+            self.d_optimizer, self.g_optimizer, self.loss_fn = d_optimizer, g_optimizer, loss_fn
+
+        def train_step(self, real):
+            n = tf.shape(real)[0]
+            z = tf.random.normal((n, latent))
+            fake = self.generator(z)
+            both = tf.concat([fake, real], 0)
+            labels = tf.concat([tf.ones((n, 1)), tf.zeros((n, 1))], 0)
+            with tf.GradientTape() as tape:
+                d_loss = self.loss_fn(labels, self.discriminator(both))
+            grads = tape.gradient(d_loss, self.discriminator.trainable_weights)
+            self.d_optimizer.apply_gradients(zip(grads, self.discriminator.trainable_weights))
+            with tf.GradientTape() as tape:
+                g_loss = self.loss_fn(tf.zeros((n, 1)), self.discriminator(self.generator(z)))
+            grads = tape.gradient(g_loss, self.generator.trainable_weights)
+            self.g_optimizer.apply_gradients(zip(grads, self.generator.trainable_weights))
+            return {"d_loss": d_loss, "g_loss": g_loss}
+
+    gen = keras.Sequential([keras.Input((latent,)), L.Dense(2 * 2 * 3, name="g_dense"), L.LeakyReLU(0.2),
+                            L.Reshape((2, 2, 3)), L.Conv2DTranspose(4, 2, strides=2, name="g_up"), L.LeakyReLU(0.2),
+                            L.Conv2D(1, 3, padding="same", activation="sigmoid")], name="generator")
+    disc = keras.Sequential([keras.Input((4, 4, 1)), L.Conv2D(3, 2, name="d_conv"), L.LeakyReLU(0.2), L.Flatten(),
+                             L.Dense(1, activation="sigmoid")], name="discriminator")
+    gan = GAN(disc, gen)
+    gan.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3), keras.losses.BinaryCrossentropy())
+    real = np.random.default_rng(0).uniform(size=(16, 4, 4, 1)).astype("float32")
+    gan.fit(real, epochs=1, batch_size=8, verbose=0)
+    z = np.random.default_rng(1).normal(size=(5, latent)).astype("float32")
+    before = predict(gen, z)
+    fk.widen(gen, {"g_dense": None, "g_up": None}, symmetry="none")
+    np.testing.assert_allclose(predict(gen, z), before, rtol=1e-4, atol=1e-5)
+    up = np.array(gen.get_layer("g_up").kernel.numpy())
+    assert up.shape == (2, 2, 8, 6)
+    assert {(2, 2, 8, 6)} <= {tuple(v.shape) for v in gan.g_optimizer.variables}  # its slots followed
+    gan.fit(real, epochs=1, batch_size=8, verbose=0)
+    assert not np.allclose(np.array(gen.get_layer("g_up").kernel.numpy()), up)
