@@ -294,7 +294,9 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
     """
     times = {} if times is None else times
     name = _VERBS[edit.kind][1]
+    t = time.perf_counter()
     holders = find_holders(model, graph, edit.plans)
+    times["holders"] = time.perf_counter() - t
     models = [model, *(h.model for h in holders)]
     opts = list({id(o): o for m in models for o in optimizers_of(m)}.values())
     entries, opt_mode = _entries(graph, edit, optimizer, opts)
