@@ -298,6 +298,8 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
     holders = find_holders(model, graph, edit.plans)
     times["holders"] = time.perf_counter() - t
     models = [model, *(h.model for h in holders)]
+    for m in models[1:]:
+        sync_jax(m)  # a holder inside a JAX fit: its live values first, and its next step reads the new ones
     opts = list({id(o): o for m in models for o in optimizers_of(m)}.values())
     entries, opt_mode = _entries(graph, edit, optimizer, opts)
     times["plan"] = time.perf_counter() - t0
