@@ -327,3 +327,23 @@ def test_widening_the_generator_of_a_subclassed_gan_keeps_it_training():
     assert {(2, 2, 8, 6)} <= {tuple(v.shape) for v in gan.g_optimizer.variables}  # its slots followed
     gan.fit(real, epochs=1, batch_size=8, verbose=0)
     assert not np.allclose(np.array(gen.get_layer("g_up").kernel.numpy()), up)
+
+
+def test_widening_a_nested_model_from_a_callback_of_the_outer_fit():
+    """Mid-fit (JAX keeps the live values in the outer model's state): the outer model trains on at the new size."""
+    x, y = _xy()
+    g = _mlp()
+    outer = keras.Sequential([keras.Input((8,)), g, L.Dense(1)])
+    outer.compile(keras.optimizers.Adam(1e-2), "mse")
+
+    class Grow(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                self.kernel = np.array(fk.widen(g, {"g1": None}) and g.get_layer("g1").kernel.numpy())
+
+    grow = Grow()
+    outer.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[grow])
+    kernel = np.array(g.get_layer("g1").kernel.numpy())
+    assert kernel.shape == grow.kernel.shape == (8, 12)
+    assert not np.allclose(kernel, grow.kernel)  # trained after the split
+    assert predict(outer, x).shape == (32, 1)
