@@ -26,7 +26,6 @@ worked out once per plan.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -36,7 +35,7 @@ from ._errors import SplitError
 from ._gather import Job
 from ._gather import bf16_bits_to_f32 as _bf16_bits_to_f32  # noqa: F401 - used by fastsplit.keras
 from ._gather import f32_to_bf16_bits as _f32_to_bf16_bits  # noqa: F401 - used by fastsplit.keras
-from .plan import AxisPlan, _readonly
+from .plan import AxisPlan, _integer, _readonly
 from .plan import _indices as _spec_indices
 
 
@@ -72,10 +71,11 @@ class CompactPlan(AxisPlan):
     seed = None
 
     def __post_init__(self):
-        width = operator.index(self.width)
-        if width < 1:
-            raise SplitError(f"width must be at least 1, got {width}")
-        src = np.asarray(self.src)
+        width = _integer("width", self.width, 1)
+        try:
+            src = np.asarray(self.src)
+        except (TypeError, ValueError):
+            raise SplitError(f"src must be a 1-D integer array, got {self.src!r}") from None
         if src.ndim != 1 or not (np.issubdtype(src.dtype, np.integer) or src.size == 0):
             raise SplitError(f"src must be a 1-D integer array, got dtype {src.dtype} and shape {src.shape}")
         src = src.astype(np.int64)
@@ -90,9 +90,7 @@ class CompactPlan(AxisPlan):
         kept[src] = True
         groups = []
         seen = np.zeros(width, dtype=bool)
-        for rep, twins in self.merge:
-            rep = operator.index(rep)
-            twins = tuple(operator.index(t) for t in twins)
+        for rep, twins in _pairs(self.merge):
             for u in (rep, *twins):
                 if not 0 <= u < width:
                     raise SplitError(f"merge index {u} is out of range for width {width}")
@@ -188,7 +186,7 @@ class CompactPlan(AxisPlan):
 
         Cost: O(width * k) numpy work.
         """
-        k = operator.index(k)
+        k = _integer("k", k, 1)
         if k == 1:
             return self
         q = np.arange(k)
@@ -201,8 +199,8 @@ class CompactPlan(AxisPlan):
 
         Cost: O(total) numpy work.
         """
-        total = operator.index(total)
-        offset = operator.index(offset)
+        total = _integer("total", total)
+        offset = _integer("offset", offset)
         if offset < 0 or offset + self.width > total:
             raise SplitError(
                 f"cannot embed a plan of width {self.width} at offset {offset} in an axis of length {total}"
@@ -214,6 +212,24 @@ class CompactPlan(AxisPlan):
             f"CompactPlan(width={self.width}, new_width={self.new_width}, "
             f"dropped={self.dropped.size}, merged={self.twins.size})"
         )
+
+
+def _pairs(merge) -> list[tuple[int, tuple]]:
+    """``CompactPlan.merge`` as ``[(representative, (twin, ...))]`` of ints, or SplitError naming the entry."""
+    try:
+        items = list(merge)
+    except TypeError:
+        raise SplitError(f"merge must be a sequence of (representative, twins) pairs, got {merge!r}") from None
+    out = []
+    for item in items:
+        try:
+            rep, twins = item
+            out.append((_integer("a merge representative", rep), tuple(_integer("a twin", t) for t in twins)))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, SplitError):
+                raise SplitError(f"merge entry {item!r}: {exc}") from None
+            raise SplitError(f"merge entries must be (representative, twins) pairs of integers, got {item!r}") from None
+    return out
 
 
 def identity(width: int) -> CompactPlan | None:
@@ -245,22 +261,29 @@ def _groups(width: int, merge) -> list[tuple[int, tuple]]:
     if isinstance(merge, Mapping):
         items = list(merge.items())
     else:
+        try:
+            groups = list(merge)
+        except TypeError:
+            raise SplitError(f"merge must be a mapping or a sequence of groups, got {merge!r}") from None
         items = []
-        for g in merge:
-            g = list(np.asarray(g, dtype=np.int64).reshape(-1)) if not np.isscalar(g) else [g]
+        for g in groups:
+            try:
+                arr = np.asarray(g)
+            except (TypeError, ValueError):
+                raise SplitError(f"a merge group must be integer indices, got {g!r}") from None
+            if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
+                raise SplitError(f"a merge group must be integer indices, got {g!r}")
+            g = [int(u) for u in arr.reshape(-1)]
             if not g:
                 continue
             items.append((g[0], g[1:]))
     out = []
     for rep, twins in items:
+        rep = _integer("a merge representative", rep)
         try:
-            rep = operator.index(rep)
-        except TypeError:
-            raise SplitError(f"a merge representative must be an integer, got {rep!r}") from None
-        twins = [twins] if np.isscalar(twins) else list(np.asarray(twins).reshape(-1))
-        try:
-            twins = [operator.index(t) for t in twins]
-        except TypeError:
+            twins = [twins] if np.isscalar(twins) else list(np.asarray(twins).reshape(-1))
+            twins = [_integer("a twin", t) for t in twins]
+        except (SplitError, TypeError, ValueError):
             raise SplitError(f"the twins of {rep} must be integers, got {twins!r}") from None
         for u in (rep, *twins):
             if not 0 <= u < width:
@@ -292,9 +315,7 @@ def compact_plan(width: int, remove=None, merge=None) -> CompactPlan:
         SplitError: an index out of range, a unit in two merge groups (or
             both removed and merged), or nothing left to keep.
     """
-    width = operator.index(width)
-    if width < 1:
-        raise SplitError(f"width must be at least 1, got {width}")
+    width = _integer("width", width, 1)
     drop = np.unique(_indices(width, remove, "remove"))
     groups = _groups(width, merge)
     removed = np.zeros(width, dtype=bool)

@@ -7,6 +7,8 @@ is worked out once and then applied by any backend to any number of tensors.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -17,6 +19,47 @@ from ._errors import SplitError
 SYMMETRIES = ("none", "nudge", "noise", "asymmetric")
 
 _RATIO_SUM_TOL = 1e-6
+
+#: the largest ``eps``, ``sigma`` and bias offset a plan takes: half the largest float32, so that a
+#: float32 (or bfloat16) bias plus its offset stays finite. What a float16 tensor cannot hold is refused
+#: when the plan meets one (``fastsplit.split``), since a plan does not know its tensors' dtypes.
+LARGEST = float(np.finfo(np.float32).max) / 2
+
+
+def _integer(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as a Python int (a bool or a float is refused), at least ``minimum``; or SplitError."""
+    if isinstance(value, (bool, np.bool_)):
+        raise SplitError(f"{name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise SplitError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and v < minimum:
+        raise SplitError(f"{name} must be at least {minimum}, got {v}")
+    return v
+
+
+def _real(name: str, value, minimum: float | None = None) -> float:
+    """``value`` as a finite float of size at most :data:`LARGEST` (not a bool, not a string); or SplitError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise SplitError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or abs(v) > LARGEST:
+        raise SplitError(f"{name} must be finite and at most {LARGEST:.3g} in size, got {value!r}")
+    if minimum is not None and v < minimum:
+        raise SplitError(f"{name} must be at least {minimum}, got {value!r}")
+    return v
+
+
+def _reals(name: str, value) -> np.ndarray:
+    """``value`` as a new float64 array, from integers or floats only (strings, booleans, objects refused)."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged nesting
+        raise SplitError(f"{name} must be an array of real numbers, got {value!r} ({exc})") from None
+    if arr.dtype.kind not in "iuf":
+        raise SplitError(f"{name} must be an array of real numbers, got dtype {arr.dtype}: {value!r}")
+    return arr.astype(np.float64)  # a copy: the plan never shares memory with the caller
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -75,7 +118,16 @@ class SplitPlan(AxisPlan):
     New unit ``j`` is a copy of old unit ``src[j]``; it keeps ``ratio[j]`` of the
     outgoing weights and gets ``offset[j]`` added to its bias. For a plan made by
     :func:`plan`, ``src[:width] == arange(width)`` and extra copies follow in
-    ascending unit order. The arrays are read-only.
+    ascending unit order. The arrays are read-only copies of the ones given.
+
+    The constructor refuses (:class:`SplitError`, naming the field and the
+    value) a width that is not an integer of at least 1, a ``src`` that is not
+    1-D integers within the width or leaves a unit without a copy, ratios or
+    offsets that are not real numbers of the shape of ``src``, ratios that are
+    not positive and finite or whose copies of one unit do not sum to 1,
+    offsets that are not finite or larger in size than :data:`LARGEST`, an
+    unknown symmetry, a sigma that is negative, not finite or not a number,
+    and a seed that is not an integer.
 
     Attributes:
         width: old width ``n``.
@@ -98,20 +150,21 @@ class SplitPlan(AxisPlan):
     seed: int | None = None
 
     def __post_init__(self):
-        width = operator.index(self.width)
-        src = np.asarray(self.src)
+        width = _integer("width", self.width, 1)
+        try:
+            src = np.asarray(self.src)
+        except (TypeError, ValueError):
+            raise SplitError(f"src must be a 1-D integer array, got {self.src!r}") from None
         if src.ndim != 1 or not np.issubdtype(src.dtype, np.integer):
             raise SplitError(f"src must be a 1-D integer array, got dtype {src.dtype} and shape {src.shape}")
-        src = src.astype(np.int64)
+        src = src.astype(np.int64)  # a copy
         m = src.shape[0]
-        ratio = np.asarray(self.ratio, dtype=np.float64)
-        offset = np.asarray(self.offset, dtype=np.float64)
+        ratio = _reals("ratio", self.ratio)
+        offset = _reals("offset", self.offset)
         if ratio.shape != (m,) or offset.shape != (m,):
             raise SplitError(
                 f"ratio and offset must have the shape of src ({m},), got {ratio.shape} and {offset.shape}"
             )
-        if width < 1:
-            raise SplitError(f"width must be at least 1, got {width}")
         bad = (src < 0) | (src >= width)
         if bad.any():
             raise SplitError(f"src index {int(src[bad][0])} is out of range for width {width}")
@@ -119,20 +172,24 @@ class SplitPlan(AxisPlan):
         if (counts == 0).any():
             raise SplitError(f"unit {int(np.flatnonzero(counts == 0)[0])} has no copy: a split plan never drops units")
         if not np.all(ratio > 0) or not np.all(np.isfinite(ratio)):
-            raise SplitError(f"ratios must be positive and finite, got {ratio[~(ratio > 0) | ~np.isfinite(ratio)][0]}")
+            raise SplitError(f"ratios must be positive and finite, got {float(ratio[~(ratio > 0) | ~np.isfinite(ratio)][0])!r}")
         sums = np.bincount(src, weights=ratio, minlength=width)
         if not np.allclose(sums, 1.0, rtol=0, atol=_RATIO_SUM_TOL):
             u = int(np.argmax(np.abs(sums - 1.0)))
-            raise SplitError(f"the ratios of the copies of unit {u} sum to {sums[u]!r}, not 1")
-        if self.symmetry not in SYMMETRIES:
-            raise SplitError(f"symmetry must be one of {SYMMETRIES}, got {self.symmetry!r}")
-        if not np.isfinite(float(self.sigma)) or float(self.sigma) < 0:
-            raise SplitError(f"sigma must be a non-negative number, got {self.sigma!r}")
+            raise SplitError(f"the ratios of the copies of unit {u} sum to {float(sums[u])!r}, not 1")
+        bad = ~(np.abs(offset) <= LARGEST)  # NaN and inf included
+        if bad.any():
+            raise SplitError(f"offsets must be finite and at most {LARGEST:.3g} in size, got "
+                             f"{float(offset[bad][0])!r} for new unit {int(np.flatnonzero(bad)[0])}")
+        _check_symmetry(self.symmetry)
+        sigma = _real("sigma", self.sigma, 0.0)
+        seed = None if self.seed is None else _integer("seed", self.seed)
         object.__setattr__(self, "width", width)
         object.__setattr__(self, "src", _readonly(src))
         object.__setattr__(self, "ratio", _readonly(ratio))
         object.__setattr__(self, "offset", _readonly(offset))
-        object.__setattr__(self, "sigma", float(self.sigma))
+        object.__setattr__(self, "sigma", sigma)
+        object.__setattr__(self, "seed", seed)
 
     @property
     def new_width(self) -> int:
@@ -193,8 +250,8 @@ class SplitPlan(AxisPlan):
 
         Cost: O(total) numpy work.
         """
-        total = operator.index(total)
-        offset = operator.index(offset)
+        total = _integer("total", total)
+        offset = _integer("offset", offset)
         if offset < 0 or offset + self.width > total:
             raise SplitError(
                 f"cannot embed a plan of width {self.width} at offset {offset} in an axis of length {total}"
@@ -219,13 +276,21 @@ class SplitPlan(AxisPlan):
         )
 
 
+def _check_symmetry(symmetry) -> None:
+    if not isinstance(symmetry, str) or symmetry not in SYMMETRIES:
+        raise SplitError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
+
+
 def _indices(width: int, spec, what: str, item: str | None = None) -> np.ndarray:
     """``spec`` (integer indices, a repeated index kept, or a boolean mask of length ``width``) as int64.
 
     ``what`` names ``spec`` in messages, ``item`` one of its indices (``what`` when None). Shared with
     :func:`fastsplit.compact.compact_plan`.
     """
-    arr = np.asarray(spec)
+    try:
+        arr = np.asarray(spec)
+    except (TypeError, ValueError):  # ragged nesting
+        raise SplitError(f"{what} must be None, integer indices or a boolean mask, got {spec!r}") from None
     if arr.dtype == bool:
         if arr.shape != (width,):
             raise SplitError(f"a boolean {what} mask must have length {width}, got shape {arr.shape}")
@@ -288,32 +353,33 @@ def plan(
         The plan. Cost: O(width + copies) numpy work.
 
     Raises:
-        SplitError: naming the bad value.
+        SplitError: naming the argument and the bad value, for every argument
+            given: a width or copies that is not an integer of at least 1 (a
+            float or a bool included), a seed that is not an integer, an
+            unknown symmetry, an eps or sigma that is not a finite real number
+            of size at most :data:`LARGEST` (sigma also non-negative), ratios
+            that are not ``copies`` positive numbers summing to 1, neurons out
+            of range or not integers. Checked whatever the symmetry, so a bad
+            value never waits for the plan to be used.
     """
-    width = operator.index(width)
-    if width < 1:
-        raise SplitError(f"width must be at least 1, got {width}")
-    copies = operator.index(copies)
-    if copies < 1:
-        raise SplitError(f"copies must be at least 1, got {copies}")
-    if symmetry not in SYMMETRIES:
-        raise SplitError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
-    if not np.isfinite(eps):
-        raise SplitError(f"eps must be finite, got {eps!r}")
-    if not np.isfinite(sigma) or sigma < 0:
-        raise SplitError(f"sigma must be a non-negative number, got {sigma!r}")
+    width = _integer("width", width, 1)
+    copies = _integer("copies", copies, 1)
+    _check_symmetry(symmetry)
+    eps = _real("eps", eps)
+    sigma = _real("sigma", sigma, 0.0)
+    seed = None if seed is None else _integer("seed", seed)
     chosen = _neuron_indices(width, neurons)
     extra_per_unit = np.bincount(chosen, minlength=width) * (copies - 1)
     k = 1 + extra_per_unit  # copies of each unit, the original included
 
     if ratios is not None:
-        r = np.asarray(ratios, dtype=np.float64).reshape(-1)
+        r = _reals("ratios", ratios).reshape(-1)
         if r.shape != (copies,):
-            raise SplitError(f"ratios must have one entry per copy ({copies}), got {r.shape[0]}")
+            raise SplitError(f"ratios must have one entry per copy ({copies}), got shape {r.shape}")
         if not np.all(r > 0) or not np.all(np.isfinite(r)):
-            raise SplitError(f"ratios must be positive, got {r.tolist()}")
+            raise SplitError(f"ratios must be positive and finite, got {r.tolist()}")
         if abs(r.sum() - 1.0) > _RATIO_SUM_TOL:
-            raise SplitError(f"ratios must sum to 1, got {r.tolist()} (sum {r.sum()!r})")
+            raise SplitError(f"ratios must sum to 1, got {r.tolist()} (sum {float(r.sum())!r})")
         if np.any((k > 1) & (k != copies)):
             raise SplitError("explicit ratios need each selected unit to appear once in neurons")
 
@@ -341,6 +407,6 @@ def plan(
         ratio=ratio,
         offset=offset,
         symmetry=symmetry,
-        sigma=float(sigma) if symmetry == "noise" else 0.0,
-        seed=(0 if seed is None else int(seed)) if symmetry == "noise" else None,
+        sigma=sigma if symmetry == "noise" else 0.0,
+        seed=(0 if seed is None else seed) if symmetry == "noise" else None,
     )
