@@ -10,11 +10,15 @@ orders and ``out`` choices at each CPU backend.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from fs_testing import TOL
 
-from fastsplit import CompactPlan, Job, SplitError, SplitPlan, compact_plan, plan, split_many
+from fastsplit import CompactPlan, Job, SplitError, SplitPlan, compact_plan, plan, split, split_many
 
 ROLES = ["incoming", "bias", "outgoing", "copy", "moment1", "moment2"]
 
@@ -50,6 +54,99 @@ def unaligned(shape, dtype):
     a = raw[1:].view(dtype).reshape(shape)
     assert n == 0 or not a.flags.aligned
     return a
+
+
+# -- what is refused before any export -------------------------------------------------------------------
+
+
+def _numpy_bad():
+    return {
+        "list": ([[1.0, 2.0]], "cannot split an object of type builtins.list"),
+        "None": (None, "cannot split an object of type builtins.NoneType"),
+        "int": (np.ones((1, 2), np.int64), "unsupported dtype int64"),
+        "bool": (np.ones((1, 2), bool), "unsupported dtype bool"),
+        "complex": (np.ones((1, 2), np.complex64), "unsupported dtype complex64"),
+        "str": (np.array([["a", "b"]]), "unsupported dtype str32"),
+        "object": (np.array([[1.0, "a"]], dtype=object), "unsupported dtype object"),
+        "longdouble": (np.ones((1, 2), np.longdouble), "unsupported dtype"),
+        "masked": (np.ma.array([[1.0, 2.0]], mask=[[0, 1]]), "masked array"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_numpy_bad()))
+def test_bad_numpy_inputs_are_refused(name):
+    x, match = _numpy_bad()[name]
+    with pytest.raises(SplitError, match=match):
+        split(x, plan(2))
+
+
+def _framework_bad():
+    """name -> (code that makes ``x`` and maybe ``fn`` (called with the split function), match)."""
+    return {
+        "tf_string": ("import tensorflow as tf; x = tf.constant([['a', 'b']])", "unsupported dtype string"),
+        "tf_string_variable": ("import tensorflow as tf; x = tf.Variable([['a', 'b']])", "unsupported dtype string"),
+        "tf_int": ("import tensorflow as tf; x = tf.constant([[1, 2]])", "unsupported dtype int32"),
+        "tf_ragged": ("import tensorflow as tf; x = tf.ragged.constant([[1.0, 2.0], [3.0]])", "RaggedTensor"),
+        "tf_sparse": ("import tensorflow as tf; x = tf.sparse.SparseTensor([[0, 0]], [1.0], [1, 2])", "SparseTensor"),
+        "tf_function": ("import tensorflow as tf\n"
+                        "x = tf.constant([[1.0, 2.0]])\n"
+                        "fn = lambda split: tf.function(lambda t: split(t))(x)",
+                        "symbolic tensorflow tensor"),
+        "tf_function_variable": ("import tensorflow as tf\n"
+                                 "x = tf.Variable([[1.0, 2.0]])\n"
+                                 "fn = lambda split: tf.function(lambda: split(x))()",
+                                 "inside tf.function"),
+        "torch_sparse": ("import torch; x = torch.eye(2).to_sparse()", "layout torch.sparse_coo"),
+        "torch_csr": ("import torch; x = torch.eye(2).to_sparse_csr()", "layout torch.sparse_csr"),
+        "torch_int": ("import torch; x = torch.ones(2, 2, dtype=torch.int64)", "unsupported dtype int64"),
+        "torch_bool": ("import torch; x = torch.ones(2, 2, dtype=torch.bool)", "unsupported dtype bool"),
+        "torch_complex": ("import torch; x = torch.ones(2, 2, dtype=torch.complex64)", "unsupported dtype complex64"),
+        "torch_meta": ("import torch; x = torch.empty(2, 2, device='meta')", "device meta"),
+        "jax_int": ("import jax.numpy as jnp; x = jnp.ones((2, 2), jnp.int32)", "unsupported dtype int32"),
+        "jax_jit": ("import jax, jax.numpy as jnp\n"
+                    "x = jnp.ones((2, 2))\n"
+                    "fn = lambda split: jax.jit(split)(x)", "JAX tracer"),
+        "jax_vmap": ("import jax, jax.numpy as jnp\n"
+                     "x = jnp.ones((3, 2))\n"
+                     "fn = lambda split: jax.vmap(split)(x)", "JAX tracer"),
+        "keras_tensor": ("import keras; x = keras.Input((2,))", "symbolic keras.KerasTensor"),
+        "keras_int_variable": ("import keras; x = keras.Variable([[1, 2]])", "unsupported dtype int32"),
+    }
+
+
+#: one subprocess per group: Keras imports TensorFlow anyway
+_GROUPS = {"tensorflow": ("tf", "keras"), "torch": ("torch",), "jax": ("jax",)}
+
+
+@pytest.mark.parametrize("module", list(_GROUPS))
+def test_bad_framework_objects_are_refused_in_a_subprocess(module):
+    """In subprocesses: before the fix a TensorFlow string tensor aborted the whole process (SIGABRT)."""
+    pytest.importorskip(module)
+    cases = {k: v for k, v in _framework_bad().items() if k.split("_")[0] in _GROUPS[module]}
+    lines = ["import numpy as np", "import fastsplit",
+             "split = lambda t: fastsplit.split(t, fastsplit.plan(2, symmetry='none'))"]
+    for name, (code, _) in cases.items():
+        lines += [f"def case_{name}():", "    fn = None", textwrap.indent(code, "    "),
+                  "    return fn(split) if fn is not None else split(x)",
+                  "try:", f"    case_{name}()", "except fastsplit.SplitError as exc:",
+                  f"    print({name!r}, 'SPLITERROR', exc, flush=True)", "except BaseException as exc:",
+                  f"    print({name!r}, 'OTHER', type(exc).__name__, exc, flush=True)", "else:",
+                  f"    print({name!r}, 'NO ERROR', flush=True)"]
+    proc = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300)
+    got = {}
+    for ln in proc.stdout.splitlines():
+        name, _, rest = ln.partition(" ")
+        got[name.strip("'")] = rest
+    for name, (_, match) in cases.items():
+        assert name in got, f"{name}: no result (the process ended with {proc.returncode}): {proc.stderr[-1500:]}"
+        assert got[name].startswith("SPLITERROR") and match in got[name], f"{name}: {got[name]}"
+    assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+def test_immutable_outs_are_refused():
+    tf = pytest.importorskip("tensorflow")
+    with pytest.raises(SplitError, match="immutable"):
+        split(np.ones((2, 4), np.float32), plan(4), out=tf.zeros((2, 8)))
 
 
 # -- plan values ------------------------------------------------------------------------------------------
