@@ -43,9 +43,14 @@ def split_many(jobs: Sequence[Job], *, backend: str = "auto") -> list:
     Raises:
         SplitError: for any bad job (before anything is written), jobs on
             different devices, or a backend that cannot take this memory.
+            Every job is checked before any is exported or written (see
+            :func:`fastsplit._gather.execute`): what each ``x`` and ``out``
+            is and its dtype, the plans and axes, and that no ``out`` shares
+            memory with any input or any other ``out`` of the call.
 
     Cost: each output is written once and each input read about once; the
-    inputs are never modified.
+    inputs are never modified. The checks cost O(jobs) (O(jobs log jobs) with
+    ``out`` arrays), never a pass over the data.
     """
     return execute(jobs, backend=backend)
 
@@ -63,14 +68,19 @@ def split(x, plan: SplitPlan, axis: int = -1, *, role: str = "incoming", channel
 
     Args:
         x: numpy, CuPy, TensorFlow, JAX or PyTorch array of float16, bfloat16,
-            float32 or float64. Never modified.
+            float32 or float64, any strides. Never modified. A numpy array in
+            the other byte order (``">f4"``) or not aligned is read through a
+            native copy; the result is then in native byte order. NaN and
+            infinities in ``x`` are data: they are copied like any value.
         plan: from :func:`fastsplit.plan`.
         axis: the unit axis.
         role: see above.
         channels: ``"last"`` or ``"first"``.
         backend: ``"auto"``, ``"numba"``, ``"cupy"`` or ``"numpy"``.
         out: optional preallocated result (numpy, CuPy or PyTorch) of the right
-            shape, dtype and device.
+            shape, dtype and device, writable, in native byte order and
+            sharing no memory with ``x`` (refused otherwise). Any strides: a
+            non-contiguous or unaligned ``out`` is written through a copy.
         also: optional second axis ``(plan, axis, role[, channels])``, split
             after the first in the same pass (see :class:`Job`).
 

@@ -7,6 +7,23 @@ only. A job split on one axis is a gather along the middle of a 3-D view
 ``(outer, n, inner)``; a job split on two axes (:attr:`Job.also`) is a gather
 along axes 1 and 3 of a 5-D view ``(outer, nA, mid, nB, inner)``, in one pass.
 
+Everything that can fail is checked here, for every job, before anything is
+exported or written, so a :class:`SplitError` leaves every array as it was:
+
+1. what each ``x`` and ``out`` is and its dtype (:func:`fastsplit.interop.check`),
+   before any export (TensorFlow aborts the process exporting a string tensor);
+2. the plans, roles, channels and axes; the ``out`` shapes, dtypes, devices;
+   an ``out`` that is read-only, in the other byte order or requires grad;
+   bias offsets that the tensor's dtype cannot hold (:func:`_check_offsets`);
+3. that no ``out`` shares memory with any input or any other ``out`` of the
+   call (:func:`_check_overlaps`).
+
+What is converted rather than refused: a numpy input in the other byte order
+or not aligned is read through a native, aligned copy (the result is native);
+an ``out`` that is not C-contiguous or not aligned is written through a copy.
+The backends keep their own checks of the tasks they are handed, as a last
+guard; they are not where a user's mistake is caught.
+
 Compaction plans with merge groups (``compact_many``) run through the same
 gather, then each representative's entries are overwritten with the merged
 value (:func:`_merge_one`, :func:`_merge_two`), on the array module of the
@@ -192,7 +209,7 @@ def _dtype_name(native: interop.Native) -> str:
     name = _DTYPE_NAMES.get(dt)
     if name is not None:
         return name
-    name = getattr(dt, "name", str(dt))
+    name = getattr(dt, "name", str(dt))  # float32 for a big-endian '>f4' too
     if name not in DTYPES:
         raise SplitError(f"unsupported dtype {name}: fastsplit splits float16, bfloat16, float32 and float64 tensors")
     return name
@@ -331,6 +348,141 @@ def _vectors(step: _Step, xp, x3) -> tuple:
     return np.asarray(plan.src), _scale(plan, power), add, noise, derived["key"], derived["runs"]
 
 
+def _aligned(a) -> bool:
+    """Every element of ``a`` starts at a multiple of its size (numpy's ``flags.aligned``; CuPy has no flag)."""
+    if isinstance(a, np.ndarray):
+        return bool(a.flags.aligned)
+    size = a.itemsize
+    return _address(a) % size == 0 and all(st % size == 0 for st in a.strides)
+
+
+def _writable_in_place(a) -> bool:
+    """True when the kernels may write ``a`` directly (C-contiguous, aligned); else a copy is written back."""
+    return bool(a.flags.c_contiguous) and _aligned(a)
+
+
+#: the largest finite value of each dtype
+_DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": float(np.finfo(np.float32).max),
+              "float64": float(np.finfo(np.float64).max)}
+
+
+def _check_offsets(step: _Step, dtype: str, where: str) -> None:
+    """A bias offset that the tensor's dtype cannot hold (``eps=1e5`` on float16) is refused, not written as inf.
+
+    Half the largest value is the limit, so that a bias plus its offset stays finite too. Cost: O(m) once
+    per plan, then a dictionary look-up.
+    """
+    if not ROLES[step.role][1]:
+        return
+    d = _derived(step.gather)
+    if d["offset"] is None:
+        return
+    if "biggest_offset" not in d:
+        d["biggest_offset"] = float(np.max(np.abs(d["offset"])))
+    biggest = d["biggest_offset"]
+    if not biggest < _DTYPE_MAX[dtype] / 2:
+        raise SplitError(f"{where}the plan's bias offsets (up to {biggest:.3g}) do not fit a {dtype} tensor "
+                         f"(largest value {_DTYPE_MAX[dtype]:.5g}): give a smaller eps")
+
+
+# -- overlapping arrays -------------------------------------------------------------------------------------
+
+#: ``np.shares_memory``'s effort bound for one pair of arrays whose extents overlap; a pair it cannot
+#: settle within it counts as overlapping
+SHARES_MAX_WORK = 1 << 12
+
+_TooHard = getattr(np, "exceptions", np).TooHardError  # numpy.exceptions from 1.25 on
+
+
+def _address(a) -> int:
+    return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else int(a.data.ptr)
+
+
+def _extent(a) -> tuple[int, int] | None:
+    """``[lo, hi)``: the bytes a strided numpy or CuPy array can touch; None when it holds no element."""
+    if a.size == 0:
+        return None
+    lo = hi = _address(a)
+    if a.flags.c_contiguous:
+        return lo, lo + a.nbytes
+    for n, stride in zip(a.shape, a.strides):
+        if stride < 0:
+            lo += (n - 1) * stride
+        else:
+            hi += (n - 1) * stride
+    return lo, hi + a.itemsize
+
+
+class _Addresses:
+    """The addresses of a (CuPy) array as a numpy array's interface: for ``np.shares_memory``, never read."""
+
+    def __init__(self, a):
+        self.__array_interface__ = {"shape": tuple(a.shape), "strides": tuple(a.strides), "version": 3,
+                                    "typestr": f"|V{a.itemsize}", "data": (_address(a), True)}
+
+
+def _shares_memory(a, b) -> bool:
+    """Whether two arrays whose extents overlap share an element: exact up to SHARES_MAX_WORK, else True."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(_Addresses(a))  # same addresses, same strides; np.shares_memory reads no data
+    if not isinstance(b, np.ndarray):
+        b = np.asarray(_Addresses(b))
+    try:
+        return bool(np.shares_memory(a, b, max_work=SHARES_MAX_WORK))
+    except _TooHard:
+        return True
+
+
+def _check_overlaps(natives: list, checked: list) -> None:
+    """Refuse any ``out`` that shares memory with an input or with another job's ``out`` (np.shares_memory).
+
+    Writing such an ``out`` would change an input before it is read (wrong results, an input modified)
+    or lose one of two results. Inputs may overlap each other: they are only read.
+
+    Cost: nothing without an ``out``; else O(k log k) for the ``k`` arrays' extents (a sort), then an
+    exact test, bounded by SHARES_MAX_WORK, for each pair whose extents overlap. Never reads data.
+    """
+    if all(c.out_native is None for c in checked):
+        return
+    items = []  # (job, is_out, array)
+    for i, (n, c) in enumerate(zip(natives, checked)):
+        items.append((i, False, n.array))
+        if c.out_native is not None:
+            items.append((i, True, c.out_native.array))
+    ext = [_extent(a) for _, _, a in items]
+    keep = [k for k, e in enumerate(ext) if e is not None]
+    if len(keep) < 2:
+        return
+    lo = np.array([ext[k][0] for k in keep], dtype=np.int64)  # user-space addresses are below 2**63
+    hi = np.array([ext[k][1] for k in keep], dtype=np.int64)
+    order = np.argsort(lo, kind="stable")
+    slo, shi = lo[order], hi[order]
+    reach = np.maximum.accumulate(shi)  # the furthest byte any array up to here touches
+    touches = np.zeros(len(keep), dtype=bool)  # (in sorted order) an array's extent meets another's
+    touches[1:] |= slo[1:] < reach[:-1]
+    touches[:-1] |= shi[:-1] > slo[1:]
+    single = len(natives) == 1
+    for pos in np.flatnonzero(touches):
+        k = keep[order[pos]]
+        i, is_out, a = items[k]
+        if not is_out:
+            continue
+        near = np.flatnonzero((lo < hi[order[pos]]) & (hi > lo[order[pos]]))
+        for q in near:
+            other = keep[q]
+            if other == k:
+                continue
+            j, other_out, b = items[other]
+            if not _shares_memory(a, b):
+                continue
+            if single:
+                raise SplitError("out overlaps the input x: fastsplit never writes into its inputs; "
+                                 "pass a separate array")
+            whose = "its own input" if j == i else f"the {'out' if other_out else 'input'} of job {j}"
+            raise SplitError(f"job {i}: out overlaps {whose}: each out must be a separate array, disjoint from "
+                             "every input and every other out of the call")
+
+
 # -- preparing a job ----------------------------------------------------------------------------------------
 
 
@@ -347,17 +499,18 @@ def _out_native(job: Job, native, where: str, out_shape: tuple, dtype: str):
     out_user = job.out
     if out_user is None:
         return None
-    if interop.kind_of(out_user) in ("jax", "tensorflow"):
-        raise SplitError(f"{where}out cannot be a {interop.kind_of(out_user)} tensor: those are immutable")
-    out_native = interop.export(out_user)
+    out_native = interop.export(out_user, where, out=True)  # refuses immutable, read-only, non-native, grad
     if out_native.device != native.device:
         raise SplitError(f"{where}out is on {out_native.device}, the input on {native.device}")
     if tuple(out_native.array.shape) != out_shape:
         raise SplitError(f"{where}out has shape {tuple(out_native.array.shape)}, expected {out_shape}")
     if _dtype_name(out_native) != dtype:
         raise SplitError(f"{where}out has dtype {_dtype_name(out_native)}, expected {dtype}")
-    if not out_native.array.flags.writeable:
+    arr = out_native.array
+    if isinstance(arr, np.ndarray) and not arr.flags.writeable:
         raise SplitError(f"{where}out is read-only")
+    if not isinstance(arr, np.ndarray) and not _aligned(arr):  # a numpy one is written through a copy
+        raise SplitError(f"{where}out is not aligned to its element size in CUDA memory: the kernels cannot write it")
     return out_native
 
 
@@ -376,8 +529,14 @@ def _check(job: Job, native, index: int, merge: bool) -> _Checked:
     """Everything about one job that can fail, before anything is allocated or written."""
     where = f"job {index}: " if index >= 0 else ""
     shape = tuple(int(s) for s in native.array.shape)
+    if not shape:
+        raise SplitError(f"{where}x is 0-dimensional: it has no unit axis to split")
+    if not isinstance(native.array, np.ndarray) and not _aligned(native.array):  # numpy ones are copied
+        raise SplitError(f"{where}x is not aligned to its element size in CUDA memory: the kernels cannot read it")
     steps = _steps(job, shape, where, merge)  # plan, role, channels and axes first, as the messages expect
     dtype = _dtype_name(native)
+    for s in steps:
+        _check_offsets(s, dtype, where)
     out_shape = list(shape)
     for s in steps:
         out_shape[s.axis] = s.positions * s.plan.new_width
@@ -390,6 +549,8 @@ def _prepare(job: Job, native, checked: _Checked) -> _Prepared:
     shape, steps, dtype, out_native = checked.shape, checked.steps, checked.dtype, checked.out_native
     arr = native.array
     xp = _dispatch.array_module(native)
+    if xp is np and not (arr.dtype.isnative and arr.flags.aligned):  # the kernels read native, aligned elements
+        arr = arr.astype(arr.dtype.newbyteorder("="), order="C")
     xc = xp.ascontiguousarray(arr)
     raw_bf16 = native.bf16 and native.device[0] == "cuda"
     if len(steps) == 1:
@@ -407,7 +568,7 @@ def _prepare(job: Job, native, checked: _Checked) -> _Prepared:
         src, scale, add, noise, key, runs = _vectors(b, xp, x.reshape(outer * na * mid, nb, inner))
         rsrc, rscale, radd, rnoise, rkey, rruns = _vectors(a, xp, x.reshape(outer, na, mid * nb * inner))
         rows = Rows(rsrc, rscale, radd, rnoise, rkey, a is steps[0], rruns)
-    if out_native is not None and out_native.array.flags.c_contiguous:
+    if out_native is not None and _writable_in_place(out_native.array):
         out = out_native.array.reshape(out_view)
     else:
         out = aligned_empty(out_view, arr.dtype) if xp is np else xp.empty(out_view, dtype=arr.dtype)
@@ -562,7 +723,9 @@ def execute(jobs: Sequence[Job], *, backend: str = "auto", merge: bool = False) 
 
     Raises:
         SplitError: for any bad job (before anything is written), jobs on
-            different devices, or a backend that cannot take this memory.
+            different devices, an ``out`` that overlaps an input or another
+            ``out``, or a backend that cannot take this memory. See the
+            module docstring for the order of the checks.
     """
     jobs = list(jobs)
     for i, j in enumerate(jobs):
@@ -570,12 +733,18 @@ def execute(jobs: Sequence[Job], *, backend: str = "auto", merge: bool = False) 
             raise SplitError(f"job {i} must be a fastsplit.Job, got {type(j).__name__}")
     if not jobs:
         return []
+    wheres = [f"job {i}: " if len(jobs) > 1 else "" for i in range(len(jobs))]
+    for j, where in zip(jobs, wheres):  # what every x and out is, and its dtype, before anything is exported
+        interop.check(j.x, where)
+        if j.out is not None:
+            interop.check(j.out, where, out=True)
     natives = [interop.export(j.x) for j in jobs]
     devices = {n.device for n in natives}
     if len(devices) > 1:
         raise SplitError(f"all jobs of one split_many call must be on one device, got {sorted(devices)}")
     device = devices.pop()
     checked = [_check(j, n, i if len(jobs) > 1 else -1, merge) for i, (j, n) in enumerate(zip(jobs, natives))]
+    _check_overlaps(natives, checked)
     impl = _dispatch.resolve(backend, device)
     two_pass = [_needs_two_passes(c.steps) for c in checked]
     if any(two_pass):

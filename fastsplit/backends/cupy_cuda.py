@@ -202,6 +202,8 @@ def _check(task, index: int):
         raise SplitError(f"task {index}: {task.dtype} arrays must be stored as {want}, got {x.dtype} and {out.dtype}")
     if not (x.flags.c_contiguous and out.flags.c_contiguous):
         raise SplitError(f"task {index}: x and out must be C-contiguous")
+    if x.data.ptr % x.itemsize or out.data.ptr % out.itemsize:  # a misaligned load is a sticky CUDA error
+        raise SplitError(f"task {index}: x and out must start on a multiple of their element size")
     if x.device.id != out.device.id:
         raise SplitError(f"task {index}: x is on device {x.device.id}, out on device {out.device.id}")
 

@@ -718,6 +718,9 @@ def _check(t) -> tuple:
         raise ValueError(f"task arrays of dtype {x.dtype} / {out.dtype} do not hold {t.dtype}")
     if not (x.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("task arrays must be C-contiguous")
+    if not (x.dtype.isnative and out.dtype.isnative and x.flags.aligned and out.flags.aligned):
+        # the kernel reads raw addresses: a '>f4' array would be read with its bytes swapped
+        raise ValueError(f"task arrays must be aligned and in native byte order, got {x.dtype.str} / {out.dtype.str}")
     if not out.flags.writeable:
         raise ValueError("task output is read-only")
     flags = (_ADD if t.add is not None else 0) | (_NOISE if t.noise is not None else 0)
@@ -730,9 +733,8 @@ def _check(t) -> tuple:
     return row, x.__array_interface__["data"][0], out.__array_interface__["data"][0]
 
 
-def _run_dtype(name: str, tasks: list) -> None:
+def _run_dtype(name: str, tasks: list, checked: list) -> None:
     storage, compute = _TYPES[name]
-    checked = [_check(t) for t in tasks]
     keep = [i for i, (row, _, _) in enumerate(checked) if row[0] * row[2] * row[3]]
     if not keep:
         return
@@ -823,12 +825,15 @@ def run(tasks) -> None:
 
     Raises:
         TypeError, ValueError: for arrays this backend cannot take (not numpy,
-            not C-contiguous, shapes or dtypes that do not match the task).
+            not C-contiguous, not aligned or not in native byte order, shapes or
+            dtypes that do not match the task), before any task is written.
     """
-    by_dtype: dict[str, list] = {}
+    by_dtype: dict[str, tuple[list, list]] = {}
     for t in tasks:
         if t.dtype not in _TYPES:
             raise ValueError(f"the numba backend does not split {t.dtype} tensors")
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for name, group in by_dtype.items():
-        _run_dtype(name, group)
+        group = by_dtype.setdefault(t.dtype, ([], []))
+        group[0].append(t)
+        group[1].append(_check(t))
+    for name, (group, checked) in by_dtype.items():
+        _run_dtype(name, group, checked)
