@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from fs_testing import DTYPES, as_dtype
 
-from fastsplit import Job, SplitPlan, _config, _noise, plan, split, split_many
+from fastsplit import Job, _config, _noise, _reference, plan, split, split_many
 from fastsplit._core import Task, column_runs
 
 nc = pytest.importorskip("fastsplit.backends.numba_cpu", reason="numba is not installed")
@@ -144,15 +144,21 @@ def test_integer_conversions_match_numpy_and_ml_dtypes():
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_kernel_rounds_any_float32_like_numpy(dtype):
-    """Rounding inside the kernel (F16C or integer code): 0 + bias offset makes y any float32 we choose."""
+    """Rounding inside the kernel (F16C or integer code): 0 + add[j] makes y any float32 we choose.
+
+    Through Task objects, below the executor: plans refuse offsets that are not finite or that the
+    tensor's dtype cannot hold, and here they are the point.
+    """
     with np.errstate(invalid="ignore"):
         f = _float32_patterns().view(np.float32).astype(np.float64)
     n = f.shape[0]
-    p = SplitPlan(n, np.arange(n), np.ones(n), f)
-    x = np.zeros(n, dtype=as_dtype(dtype))
+    x = np.zeros((1, n, 1), dtype=as_dtype(dtype))
+    want, got = (Task(x=x, out=np.empty_like(x), src=np.arange(n), scale=np.ones(n), add=f, noise=None, key=0,
+                      dtype=dtype) for _ in range(2))
     with np.errstate(over="ignore", invalid="ignore"):
-        want = split(x, p, 0, role="bias", backend="numpy")
-    assert_same_bits(split(x, p, 0, role="bias", backend="numba"), want)
+        _reference.run([want])
+    nc.run([got])
+    assert_same_bits(got.out, want.out)
 
 
 @pytest.mark.parametrize("chunk", [1, 64, 1000])
