@@ -11,12 +11,17 @@ import numpy as np
 
 from . import _select
 from ._args import check_int
+from ._errors import GrowthError
 from ._layers import coupled_producers, graph_groups, model_at_widths, producer_widths, width_of
 
 
 def check_max_units(max_units):
-    """``None``, an int >= 1 for every layer, or a dict layer name -> int >= 1; ``ValueError`` naming the value."""
+    """``None``, an int >= 1 for every layer, or a dict layer name -> int >= 1; ``GrowthError`` naming the value."""
     if isinstance(max_units, dict):
+        for k in max_units:
+            if not isinstance(k, str) or not k:
+                raise GrowthError(f"max_units as a dict maps layer names to widths; got the key {k!r} in "
+                                  f"max_units={max_units!r}")  # fmt: skip
         return {k: check_int(f"max_units[{k!r}]", v, 1) for k, v in max_units.items()}
     if max_units is not None:
         return check_int("max_units", max_units, 1)
@@ -24,7 +29,7 @@ def check_max_units(max_units):
 
 
 def check_max_params(max_params):
-    """``None`` or an int >= 1; ``ValueError`` naming the value."""
+    """``None`` or an int >= 1; ``GrowthError`` naming the value."""
     return None if max_params is None else check_int("max_params", max_params, 1)
 
 

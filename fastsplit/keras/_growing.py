@@ -12,9 +12,6 @@ The subclasses decide only *when* to grow (``on_epoch_end``).
 
 from __future__ import annotations
 
-import math
-import numbers
-import os
 import warnings
 
 import numpy as np
@@ -23,7 +20,8 @@ from ..compact import CompactPlan
 from ..plan import SYMMETRIES
 from ..plan import plan as make_plan
 from . import _budget, _scores, _select
-from ._args import check_int
+from ._args import check_bool, check_choice, check_dir, check_int, check_real
+from ._errors import GrowthError
 from ._layers import check_layer_names, graph_groups, growable_layers, refusals, why_not_growable, width_of
 from ._monitor import PlateauMonitor
 from ._replay import restore_best
@@ -56,26 +54,23 @@ class GrowthCallback(PlateauMonitor):
         self._rule = _select.check_select(select)
         self._score = _scores.check_score(score, probe)
         self.score = score
-        if symmetry not in SYMMETRIES:
-            raise ValueError(f"symmetry must be one of {SYMMETRIES}; got symmetry={symmetry!r}")
-        self.symmetry = symmetry
-        if eps is not None and (not isinstance(eps, numbers.Real) or not math.isfinite(eps)):
-            raise ValueError(f"eps must be None or a finite number; got eps={eps!r}")
-        self.eps = None if eps is None else float(eps)
+        self.symmetry = check_choice("symmetry", symmetry, SYMMETRIES)
+        self.eps = check_real("eps", eps, low=0, optional=True)
+        if self.eps is not None and symmetry != "nudge":
+            # the other symmetries would ignore it: a user who meant it as a noise scale would never know
+            raise GrowthError(f"eps is the bias offset of symmetry='nudge'; got eps={eps!r} with symmetry={symmetry!r}")
         self.max_units = _budget.check_max_units(max_units)
         self.max_params = _budget.check_max_params(max_params)
-        self.stop_when_grown = bool(stop_when_grown)
-        self.restore_best_weights = bool(restore_best_weights)
+        self.stop_when_grown = check_bool("stop_when_grown", stop_when_grown)
+        self.restore_best_weights = check_bool("restore_best_weights", restore_best_weights)
         self.verbose = check_int("verbose", verbose, 0)
-        self.seed = seed
-        self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
-        if not isinstance(prune_dead, (bool, np.bool_)):
-            raise ValueError(f"prune_dead must be True or False; got prune_dead={prune_dead!r}")
-        self.prune_dead = bool(prune_dead)
+        self.seed = None if seed is None else check_int("seed", seed, 0)
+        self.backup_dir = check_dir("backup_dir", backup_dir)
+        self.prune_dead = check_bool("prune_dead", prune_dead)
         if prune_data is not None and not self.prune_dead:
-            raise ValueError("prune_data is only read with prune_dead=True; got prune_dead=False and a prune_data")
+            raise GrowthError("prune_data is only read with prune_dead=True; got prune_dead=False and a prune_data")
         if self.prune_dead and prune_data is None and probe is None:
-            raise ValueError(
+            raise GrowthError(
                 "prune_dead=True needs data to find dead units on: pass prune_data=x or (x, y) (e.g. the "
                 "training inputs) or probe=...; got prune_data=None and probe=None"
             )
@@ -119,6 +114,7 @@ class GrowthCallback(PlateauMonitor):
         if self._resumed_state is None:
             self._reset()
         self._resumed_state = None
+        self.begin_monitoring()
         self._check_layers(model)
         self._check_monitor(model)
         self._score.check(model)
@@ -138,7 +134,7 @@ class GrowthCallback(PlateauMonitor):
             names = growable_layers(model, groups)
             if not names:
                 refused = "; ".join(refusals(groups))
-                raise ValueError(
+                raise GrowthError(
                     f"{type(self).__name__}: the model has no hidden Dense/Conv layer that can grow "
                     f"(layers={[lay.name for lay in model.layers]}" + (f"; refused: {refused})" if refused else ")")
                 )
@@ -147,11 +143,11 @@ class GrowthCallback(PlateauMonitor):
             for name in names:
                 why = why_not_growable(model, name, groups)
                 if why is not None:
-                    raise ValueError(f"{type(self).__name__}(layers={self.layers!r}): {why}")
+                    raise GrowthError(f"{type(self).__name__}(layers={self.layers!r}): {why}")
         if isinstance(self.max_units, dict):
             unknown = sorted(set(self.max_units) - set(names))
             if unknown:
-                raise ValueError(f"max_units names layers that do not grow: {unknown} (growing: {names})")
+                raise GrowthError(f"max_units names layers that do not grow: {unknown} (growing: {names})")
         self._names = names
 
     def _layer_objs(self):
@@ -167,6 +163,7 @@ class GrowthCallback(PlateauMonitor):
         return self.prune_data if self.prune_data is not None else self._probe
 
     def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
         self.last_added = self.last_pruned = 0
         if _budget.ranks_units(self._rule, self.max_units, self.max_params):
             self._score.begin_epoch(self._layer_objs())
@@ -191,7 +188,12 @@ class GrowthCallback(PlateauMonitor):
         restore_best(self.model, self.best_weights, self._best_widths, self._plans[self._best_at_event :],
                      self._dead_data(), type(self).__name__)  # fmt: skip
 
+    #: what the callback could not do in a fit whose logs never held ``monitor`` (None: it needs no monitor)
+    _unmonitored = "never grew"
+
     def on_train_end(self, logs=None):
+        if self._unmonitored is not None:
+            self.warn_if_unseen(self._unmonitored)
         if self.stopped_epoch > 0 and self.verbose > 0:
             _print(
                 f"Epoch {self.stopped_epoch + 1}: {type(self).__name__} stopped training: fully grown "

@@ -8,6 +8,8 @@ its first producer. A width given for one producer of a group applies to every p
 
 from __future__ import annotations
 
+from ._errors import GrowthError
+
 
 def graph_groups(model) -> list:
     """:func:`fastsplit.keras.coupled_groups` (imported on first use). Cost: one walk over the graph."""
@@ -17,14 +19,23 @@ def graph_groups(model) -> list:
 
 
 def check_layer_names(layers):
-    """``None`` or a non-empty list of layer names (a single name is a list of one); ``ValueError`` names the value."""
-    if layers is not None:
-        if isinstance(layers, str):
-            layers = [layers]
+    """``None`` or a non-empty list of distinct layer names (a single name is a list of one).
+
+    ``GrowthError`` names the value otherwise (a dict, a number, a name twice, a non-string).
+    """
+    if layers is None:
+        return None
+    given = layers
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, (list, tuple)):
         layers = list(layers)
-        if not layers or not all(isinstance(n, str) for n in layers):
-            raise ValueError(f"layers must be None or a non-empty list of layer names; got layers={layers!r}")
-    return layers
+        if layers and all(isinstance(n, str) and n for n in layers):
+            twice = sorted({n for n in layers if layers.count(n) > 1})
+            if twice:
+                raise GrowthError(f"layers names {twice} more than once; got layers={given!r}")
+            return layers
+    raise GrowthError(f"layers must be None or a non-empty list of layer names; got layers={given!r}")
 
 
 def width_of(layer) -> int:
@@ -105,13 +116,13 @@ def spread_widths(widths, coupled) -> dict:
     """``widths`` with each named layer's width given to every producer of its coupled group.
 
     ``coupled`` is :func:`coupled_producers`. Two producers of one group given different
-    widths raise ``ValueError``.
+    widths raise ``GrowthError``.
     """
     out = dict(widths)
     for name, w in widths.items():
         for mate in coupled.get(name, ()):
             if mate in widths and int(widths[mate]) != int(w):
-                raise ValueError(
+                raise GrowthError(
                     f"layers {name!r} and {mate!r} feed one coupled group and must have one width; "
                     f"got {name}={int(w)} and {mate}={int(widths[mate])}"
                 )
@@ -134,7 +145,7 @@ def model_at_widths(model, widths, coupled=None):
     cfg = model.get_config()
     layer_cfgs = cfg["layers"] if isinstance(cfg, dict) and "layers" in cfg else None
     if layer_cfgs is None:
-        raise ValueError(f"cannot rebuild {type(model).__name__} from its config")
+        raise GrowthError(f"cannot rebuild {type(model).__name__} from its config")
     for lc in layer_cfgs:
         lc.pop("build_config", None)  # input shapes recorded before growth: let the model infer them
         c = lc.get("config", {})

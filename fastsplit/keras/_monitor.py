@@ -1,15 +1,21 @@
 """Monitoring: the quantity a growth callback watches, which way it should go, and the
 plateau bookkeeping of ``EarlyStopping`` / ``ReduceLROnPlateau`` (best, wait, cooldown).
+
+An epoch whose logs lack a ``val_`` quantity because ``fit`` ran no validation
+at its end (``validation_freq > 1``) is skipped, as EarlyStopping and
+ReduceLROnPlateau skip it; a fit in which the quantity never appeared ends with
+one warning. A quantity missing although validation ran, or a training
+quantity missing, raises.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+import warnings
 
 from keras.src.callbacks.monitor_callback import MonitorCallback
 
-from ._args import check_int
+from ._args import check_choice, check_int, check_real
+from ._errors import GrowthError
 
 #: name fragments of quantities that should go up, and of those that should go down
 MAX_DIRECTION = ("acc", "auc", "precision", "recall", "f1", "iou", "r2", "top_k", "true_positives")
@@ -68,15 +74,17 @@ class PlateauMonitor(MonitorCallback):
     """
 
     def __init__(self, *, monitor, mode, min_delta, start_from_epoch):
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"mode must be 'auto', 'min' or 'max'; got mode={mode!r}")
+        check_choice("mode", mode, ("auto", "min", "max"))
         if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"monitor must be the name of a logged quantity; got monitor={monitor!r}")
-        if not isinstance(min_delta, numbers.Real) or isinstance(min_delta, bool) or not math.isfinite(min_delta):
-            raise ValueError(f"min_delta must be a finite number; got min_delta={min_delta!r}")
+            raise GrowthError(f"monitor must be the name of a logged quantity; got monitor={monitor!r}")
+        # an absolute amount: mode gives the direction (Keras takes abs() of a negative one silently)
+        min_delta = check_real("min_delta", min_delta, low=0)
+        start_from_epoch = check_int("start_from_epoch", start_from_epoch, 0)
         super().__init__(monitor, mode, min_delta=min_delta)
-        self._min_delta_abs = abs(float(min_delta))
-        self.start_from_epoch = check_int("start_from_epoch", start_from_epoch, 0)
+        self._min_delta_abs = min_delta
+        self.start_from_epoch = start_from_epoch
+        self._validated = False  # fit ran validation in this epoch (on_test_begin was called)
+        self._seen = False  # the monitored quantity was in some epoch's logs of this fit
         self.reset_plateau()
 
     def reset_plateau(self):
@@ -104,7 +112,7 @@ class PlateauMonitor(MonitorCallback):
         names = metric_names(model) if self.mode == "auto" else None
         base = self.monitor.removeprefix("val_")
         if names is not None and base not in names and self.monitor not in names:
-            raise ValueError(
+            raise GrowthError(
                 f"{type(self).__name__}: unknown monitor={self.monitor!r}; the model logs "
                 f"{sorted(names)} (and val_ versions with validation data)"
             )
@@ -126,17 +134,59 @@ class PlateauMonitor(MonitorCallback):
 
         return self.monitor_op is ops.less
 
-    def _monitor_value(self, logs) -> float:
-        """The monitored value in ``logs``; ``ValueError`` naming what the logs hold when it is missing."""
-        if self.monitor_op is None:
-            self._set_monitor_op()
-            self.min_delta = -self._min_delta_abs if self._op_is_less() else self._min_delta_abs
+    # ------------------------------------------------- which epochs hold the monitored value
+    def begin_monitoring(self):
+        """At the start of ``fit``: no epoch has shown the monitored quantity yet."""
+        self._seen = False
+        self._validated = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._validated = False
+
+    def on_test_begin(self, logs=None):
+        # fit() passes its callbacks to the evaluate() of its validation step, so this says
+        # that the epoch now ending validated (and its logs should hold the val_ quantities)
+        self._validated = True
+
+    def _monitor_value(self, logs) -> float | None:
+        """The monitored value in ``logs``, or None for an epoch that ran no validation (skip it).
+
+        Raises ``GrowthError`` naming what the logs hold when a training quantity is
+        missing, or a ``val_`` quantity is missing although validation ran.
+        """
         if self.monitor not in logs:
-            raise ValueError(
-                f"{type(self).__name__}: monitor={self.monitor!r} is not in the logs "
-                f"({', '.join(sorted(logs))}); pass validation_data to fit() to monitor a val_ quantity"
+            if self.monitor.startswith("val_") and not self._validated:
+                return None  # validation_freq > 1, or no validation data at all: warned at train end
+            where = "validation ran at this epoch's end, but " if self.monitor.startswith("val_") else ""
+            raise GrowthError(
+                f"{type(self).__name__}: {where}monitor={self.monitor!r} is not in the logs "
+                f"({', '.join(sorted(logs))})"
             )
+        if self.monitor_op is None:
+            try:
+                self._set_monitor_op()
+            except ValueError:
+                raise GrowthError(
+                    f"{type(self).__name__}: cannot tell whether monitor={self.monitor!r} should go up or down; "
+                    "pass mode='max' or mode='min'"
+                ) from None
+            self.min_delta = -self._min_delta_abs if self._op_is_less() else self._min_delta_abs
+        self._seen = True
         return float(logs[self.monitor])
+
+    def warn_if_unseen(self, what: str):
+        """At the end of ``fit``: one warning when no epoch's logs held the monitored quantity.
+
+        ``what`` says what the callback could therefore not do.
+        """
+        if self._seen:
+            return
+        warnings.warn(
+            f"{type(self).__name__}: monitor={self.monitor!r} was in the logs of no epoch of this fit, so it "
+            f"{what}. Pass validation_data (or validation_split) to fit() to monitor a val_ quantity, with a "
+            "validation_freq that validates within the epochs",
+            stacklevel=3,
+        )
 
     def _improved(self, epoch, current) -> bool:
         """EarlyStopping's bookkeeping: True (and ``best``, ``best_epoch`` updated) when ``current`` improves."""

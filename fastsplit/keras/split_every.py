@@ -28,7 +28,8 @@ class SplitEvery(GrowthCallback):
             ``restore_best_weights``; a missing one is simply not shown.
         min_delta: what counts as an improvement for ``restore_best_weights``.
         restore_best_weights: as in :class:`SplitOnPlateau` (needs ``monitor``
-            in the logs).
+            in the logs; epochs that ran no validation are skipped, and a fit
+            whose logs never held it ends with a warning).
 
     Cost: as :class:`SplitOnPlateau`.
     """
@@ -84,14 +85,18 @@ class SplitEvery(GrowthCallback):
         if self.restore_best_weights:
             super()._check_monitor(model)
 
+    @property
+    def _unmonitored(self):
+        return "had no best epoch to restore" if self.restore_best_weights else None
+
     def on_epoch_end(self, epoch, logs=None):
         logs = {} if logs is None else logs
         current = None
-        if self.monitor in logs:
+        if self.monitor in logs or self.restore_best_weights:
+            # None for an epoch that ran no validation (validation_freq > 1): nothing to track
             current = self._monitor_value(logs)
-            self._track_best(epoch, current)
-        elif self.restore_best_weights:
-            self._monitor_value(logs)  # raises, naming what the logs hold
+            if current is not None:
+                self._track_best(epoch, current)
         added = 0
         if epoch >= self.start_from_epoch and (epoch + 1 - self.start_from_epoch) % self.epochs == 0:
             if self.grow(epoch, logs, current) is not None:

@@ -20,7 +20,8 @@ class SplitOnPlateau(GrowthCallback):
     Args:
         monitor: quantity in ``logs`` to watch (``"val_accuracy"``; ``"val_loss"``,
             ``"accuracy"``, any compiled metric, ``val_`` or not).
-        min_delta: smallest change that counts as an improvement (absolute).
+        min_delta: smallest change that counts as an improvement (absolute, >= 0;
+            ``mode`` gives the direction).
         patience: epochs without improvement after which the model grows; 0 and
             1 both grow at the first epoch without improvement, as in EarlyStopping.
         mode: ``"auto"``, ``"min"`` or ``"max"``: whether the monitored quantity
@@ -58,12 +59,14 @@ class SplitOnPlateau(GrowthCallback):
         verbose: 0 silent; 1 prints one line per growth event (epoch, layer,
             old → new units, parameters, monitored value), one per prune, and
             when it stops.
-        eps: an absolute bias offset for ``symmetry="nudge"`` (the article's 1e-3). By
-            default (None) each unit's offset is 1e-3 of its own scale, as in ``widen``.
+        eps: an absolute bias offset (>= 0) for ``symmetry="nudge"`` (the article's 1e-3);
+            refused with any other symmetry, which would ignore it. By default
+            (None) each unit's offset is 1e-3 of its own scale, as in ``widen``.
         probe: held-back data for ``score="gradient"`` (``(x, y)``) and
             ``score="activation"`` (``x`` or ``(x, y)``); also the data of
             ``prune_dead`` when ``prune_data`` is not given.
-        seed: seed of ``symmetry="noise"`` (each event uses ``seed + event index``).
+        seed: seed (an integer >= 0) of ``symmetry="noise"`` (each event uses
+            ``seed + event index``).
         backup_dir: the ``backup_dir`` of a ``keras.callbacks.BackupAndRestore`` in
             the same ``fit``: the callback saves its own state there each epoch
             and, when a killed run restarts, widens the fresh model to the
@@ -81,7 +84,7 @@ class SplitOnPlateau(GrowthCallback):
         prune_data: the data on which units are judged dead: ``x`` or
             ``(x, y)`` numpy arrays, e.g. the training inputs (a unit dead on a
             small sample may fire on other inputs). Default: ``probe``.
-            ``prune_dead=True`` without either raises ``ValueError``.
+            ``prune_dead=True`` without either raises ``GrowthError``.
 
     Attributes:
         events: one ``GrowthEvent`` per growth event, in order; with
@@ -97,10 +100,16 @@ class SplitOnPlateau(GrowthCallback):
     epoch, ``params`` the model's parameter count, ``split`` the units added
     at this epoch's end, and with ``prune_dead`` ``pruned`` the units removed.
 
+    An epoch whose logs lack a ``val_`` monitor because ``fit`` did not validate
+    at its end (``validation_freq=2``) is skipped: it neither counts towards
+    ``patience`` and ``cooldown`` nor grows, as in ``EarlyStopping``. A fit
+    whose logs never held the monitor ends with a warning.
+
     Raises:
-        ValueError: naming the value, for a bad argument (here), or at the start
-            of ``fit`` for an unknown monitor, a layer that cannot grow, or a
-            score the optimizer cannot give.
+        GrowthError: (a ``ValueError``) naming the value, for a bad argument
+            (here), or at the start of ``fit`` for an unknown monitor, a layer
+            that cannot grow, or a score the optimizer cannot give; at an
+            epoch's end for a monitor missing from logs that should hold it.
 
     Cost: nothing per batch; per epoch a copy of each growing kernel with
     ``score="change"``; per growth event one ``widen`` call plus the score;
@@ -164,7 +173,8 @@ class SplitOnPlateau(GrowthCallback):
         logs = {} if logs is None else logs
         current = self._monitor_value(logs)
         added = 0
-        if epoch >= self.start_from_epoch:
+        # an epoch that ran no validation (validation_freq > 1) counts for nothing, as in EarlyStopping
+        if current is not None and epoch >= self.start_from_epoch:
             cooling = self.in_cooldown()  # this epoch is one of the `cooldown` epochs after a growth event
             if cooling:
                 self.cooldown_counter -= 1
