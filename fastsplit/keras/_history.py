@@ -5,7 +5,8 @@ moves it to a registered subclass, ``fastsplit>GrownFunctional`` or
 ``fastsplit>GrownSequential``, which adds ``"fastsplit_history"`` (a list of
 :meth:`GrowthEvent.to_dict`) to ``get_config`` and reads it back in
 ``from_config``. The subclasses add nothing else. Loading a grown model needs
-``import fastsplit.keras`` first, as for any registered Keras object.
+``import fastsplit.keras`` first, as for any registered Keras object; both the
+``.keras`` format and the legacy ``.h5`` format load it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class GrownFunctional(_SavesHistory, Functional):
 class GrownSequential(_SavesHistory, keras.Sequential):
     """A Sequential model that ``fastsplit.keras.widen`` has grown (adds the history to its config)."""
 
+
+# The legacy .h5 format writes the top-level model's class as its bare ``__name__`` and looks that up
+# among the custom objects (keras.src.legacy.saving.saving_utils.model_metadata), where
+# register_keras_serializable put only "fastsplit>GrownFunctional": without these two names a grown
+# model saved as .h5 does not load. Nested grown models are written by registered name.
+keras.saving.get_custom_objects().update({cls.__name__: cls for cls in (GrownFunctional, GrownSequential)})
 
 _GROWN = {Functional: GrownFunctional, keras.Sequential: GrownSequential, keras.Model: GrownFunctional}
 

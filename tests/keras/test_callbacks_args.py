@@ -5,6 +5,7 @@
   after an epoch);
 - an epoch whose logs lack a ``val_`` monitor because fit did not validate at its end
   (``validation_freq``) is skipped, as in EarlyStopping; a fit that never showed it warns;
+- a grown model saved as ``.h5`` loads again, history included;
 
 Run per backend: ``KERAS_BACKEND=jax pytest tests/keras/test_callbacks_args.py`` (tensorflow, jax, torch).
 """
@@ -18,6 +19,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+import fastsplit.keras as fk  # noqa: E402
 from fastsplit.keras import GrowthError, SplitEvery, SplitOnPlateau  # noqa: E402
 
 N_IN, N_OUT = 6, 3
@@ -279,3 +281,58 @@ def test_a_monitor_missing_although_validation_ran_raises():
         fit(model, [SplitOnPlateau(monitor="val_bogus", mode="max", verbose=0)], epochs=2)
     with pytest.raises(GrowthError, match="monitor='bogus' is not in the logs"):
         fit(make_model(), [SplitOnPlateau(monitor="bogus", mode="max", verbose=0)], epochs=2)
+
+
+# --------------------------------------------------------------------------------------- .h5
+
+
+def _grown(kind):
+    x, y = data()
+    keras.utils.set_random_seed(0)
+    if kind == "sequential":
+        model = keras.Sequential([keras.Input((N_IN,)), keras.layers.Dense(3, activation="relu", name="h"),
+                                  keras.layers.Dense(N_OUT, name="o")])  # fmt: skip
+        path = "h"
+    elif kind == "functional":
+        inp = keras.Input((N_IN,))
+        h = keras.layers.Dense(3, activation="relu", name="h")(inp)
+        model = keras.Model(inp, keras.layers.Dense(N_OUT, name="o")(h))
+        path = "h"
+    else:  # a grown Sequential inside a Functional
+        block = keras.Sequential([keras.Input((N_IN,)), keras.layers.Dense(3, activation="relu", name="h"),
+                                  keras.layers.Dense(4, name="o")], name="block")  # fmt: skip
+        inp = keras.Input((N_IN,))
+        model = keras.Model(inp, keras.layers.Dense(N_OUT, name="top")(block(inp)))
+        path = "block/h"
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.train_on_batch(x, y)
+    fk.widen(model, {path: None})
+    fk.widen(model, {path: [0, 2]})
+    model.train_on_batch(x, y)
+    return model, x
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "nested"])
+def test_a_grown_model_saved_as_h5_loads(kind, tmp_path):
+    model, x = _grown(kind)
+    # the .keras format still works beside it (saved first: Keras' .h5 save drops the optimizer
+    # from the model's own compile config)
+    loaded = keras.models.load_model(_save_keras(model, tmp_path))
+    assert type(loaded) is type(model) and len(fk.history(loaded)) == 2
+    path = str(tmp_path / "grown.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras: "HDF5 ... is considered legacy"
+        model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is type(model)
+    assert [e.layers for e in fk.history(loaded)] == [e.layers for e in fk.history(model)]
+    assert len(fk.history(loaded)) == 2
+    for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=0, atol=1e-6)
+
+
+def _save_keras(model, tmp_path):
+    path = str(tmp_path / "grown.keras")
+    model.save(path)
+    return path
