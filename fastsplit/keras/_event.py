@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+
+from ._errors import GrowthError
 
 PHASES = ("plan", "export", "kernel", "import", "variables", "swap", "retrace")
 
@@ -87,9 +91,18 @@ class GrowthEvent:
         return json.loads(json.dumps(d))
 
     @classmethod
-    def from_dict(cls, d: dict) -> GrowthEvent:
+    def from_dict(cls, d: dict, where: str = "event") -> GrowthEvent:
+        """The event that :meth:`to_dict` wrote; keys it does not know are ignored (a newer fastsplit's).
+
+        Raises ``GrowthError`` naming the entry (``where``, e.g. ``fastsplit_history[2]``) when a
+        known field is missing or of the wrong type, so a damaged saved history is refused
+        when it is read, not when it is used. Cost: O(layers + neurons).
+        """
+        check_event_dict(d, where)
         d = dict(d)
-        d["layers"] = {k: LayerGrowth(**v) for k, v in d.get("layers", {}).items()}
+        lfields = {f.name for f in dataclasses.fields(LayerGrowth)}
+        d["layers"] = {k: LayerGrowth(**{f: x for f, x in v.items() if f in lfields})
+                       for k, v in d.get("layers", {}).items()}  # fmt: skip
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
@@ -99,3 +112,71 @@ class GrowthEvent:
         lines = [f"{n}: {g.old_width} -> {g.new_width} ({len(g.neurons)} {verb})" for n, g in self.layers.items()]
         lines.append(f"params {self.params_before} -> {self.params_after} in {self.times.get('total', 0):.4f}s")
         return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ checking saved events
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _bad(where, what, value):
+    return GrowthError(f"{where} must be {what}; got {value!r}")
+
+
+def _check_int(d, key, where, *, low=0, optional=False):
+    """A missing key passes (the dataclass default fills it); None passes when ``optional``."""
+    if key not in d or (optional and d[key] is None):
+        return
+    v = d[key]
+    if not _is_int(v) or v < low:
+        raise _bad(f"{where}[{key!r}]", f"an integer >= {low}" + (" or None" if optional else ""), v)
+
+
+def _check_str(d, key, where):
+    if key in d and not isinstance(d[key], str):
+        raise _bad(f"{where}[{key!r}]", "a string", d[key])
+
+
+def check_layer_dict(v, where: str) -> None:
+    """``GrowthError`` naming the field when ``v`` is not a :class:`LayerGrowth` as a dict."""
+    if not isinstance(v, dict):
+        raise _bad(where, "a dict of LayerGrowth fields", v)
+    missing = [k for k in ("name", "old_width", "new_width", "neurons") if k not in v]
+    if missing:
+        raise GrowthError(f"{where} lacks {missing}; got {v!r}")
+    _check_str(v, "name", where)
+    _check_int(v, "old_width", where, low=1)
+    _check_int(v, "new_width", where, low=1)
+    for key in ("params_before", "params_after", "group"):
+        _check_int(v, key, where)
+    neurons = v["neurons"]
+    if not isinstance(neurons, list) or not all(_is_int(u) and 0 <= u < v["old_width"] for u in neurons):
+        raise _bad(f"{where}['neurons']", f"a list of unit indices in [0, {v['old_width']})", neurons)
+
+
+def check_event_dict(d, where: str = "event") -> None:
+    """``GrowthError`` naming the entry and field when ``d`` is not a :class:`GrowthEvent` as a dict.
+
+    Checks what :meth:`GrowthEvent.from_dict` and the event's methods rely on: the
+    types of the known fields, the layer entries, non-negative counts. Unknown keys pass.
+    """
+    if not isinstance(d, dict):
+        raise _bad(where, "a dict (GrowthEvent.to_dict())", d)
+    layers = d.get("layers", {})
+    if not isinstance(layers, dict):
+        raise _bad(f"{where}['layers']", "a dict layer path -> LayerGrowth dict", layers)
+    for path, v in layers.items():
+        if not isinstance(path, str):
+            raise _bad(f"{where}['layers']", "keyed by layer paths (strings)", path)
+        check_layer_dict(v, f"{where}['layers'][{path!r}]")
+    for key in ("params_before", "params_after", "tensors", "bytes_new", "split_calls"):
+        _check_int(d, key, where)
+    _check_int(d, "iteration", where, optional=True)
+    for key in ("symmetry", "optimizer", "backend", "keras_backend", "kind"):
+        _check_str(d, key, where)
+    times = d.get("times", {})
+    if not isinstance(times, dict) or not all(
+        isinstance(k, str) and isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t)
+        for k, t in times.items()
+    ):
+        raise _bad(f"{where}['times']", "a dict phase -> seconds (finite numbers)", times)

@@ -7,6 +7,10 @@ moves it to a registered subclass, ``fastsplit>GrownFunctional`` or
 ``from_config``. The subclasses add nothing else. Loading a grown model needs
 ``import fastsplit.keras`` first, as for any registered Keras object; both the
 ``.keras`` format and the legacy ``.h5`` format load it.
+
+A saved history is checked when it is loaded: a malformed one raises
+:class:`GrowthError` from ``load_model``, naming the entry and field, before the
+model is built.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import keras
 from keras.src.models.functional import Functional
 
-from ._event import GrowthEvent
+from ._errors import GrowthError
+from ._event import GrowthEvent, check_event_dict
 
 KEY = "fastsplit_history"
 
@@ -34,7 +39,7 @@ class _SavesHistory:
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        hist = config.pop(KEY, [])
+        hist = check_history(config.pop(KEY, []), config.get("name"))
         model = super().from_config(config, custom_objects=custom_objects)
         model._fastsplit_history = list(hist)
         return model
@@ -78,6 +83,23 @@ def record(model, event: GrowthEvent) -> None:
             return config
 
         model.get_config = get_config
+
+
+def check_history(hist, model_name=None) -> list:
+    """``hist`` (a saved ``"fastsplit_history"``) when it is a list of :meth:`GrowthEvent.to_dict` dicts.
+
+    Raises ``GrowthError`` naming the model, the entry and the field otherwise.
+    Cost: O(events + layers + neurons).
+    """
+    whose = f" of model {model_name!r}" if isinstance(model_name, str) else ""
+    try:
+        if not isinstance(hist, list):
+            raise GrowthError(f"{KEY} must be a list of GrowthEvent dicts; got {type(hist).__name__} {hist!r:.200}")
+        for i, d in enumerate(hist):
+            check_event_dict(d, f"{KEY}[{i}]")
+    except GrowthError as e:
+        raise GrowthError(f"the saved growth history{whose} is malformed: {e}") from None
+    return hist
 
 
 def history(model) -> list[GrowthEvent]:

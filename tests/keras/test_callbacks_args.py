@@ -6,13 +6,17 @@
 - an epoch whose logs lack a ``val_`` monitor because fit did not validate at its end
   (``validation_freq``) is skipped, as in EarlyStopping; a fit that never showed it warns;
 - a grown model saved as ``.h5`` loads again, history included;
+- a malformed saved history is refused when the model is loaded, naming the field.
 
 Run per backend: ``KERAS_BACKEND=jax pytest tests/keras/test_callbacks_args.py`` (tensorflow, jax, torch).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -336,3 +340,85 @@ def _save_keras(model, tmp_path):
     path = str(tmp_path / "grown.keras")
     model.save(path)
     return path
+
+
+# ----------------------------------------------------------------------------- saved history
+
+
+@pytest.fixture(scope="module")
+def grown_config():
+    """A grown Sequential's class and config (two events); each test damages a copy."""
+    model, _ = _grown("sequential")
+    return type(model), model.get_config(), fk.history(model)
+
+
+def _copy(grown_config):
+    cls, config, hist = grown_config
+    return cls, json.loads(json.dumps(config)), hist
+
+
+MALFORMED = [
+    # (how the saved history is damaged, the text the message must hold)
+    (lambda h: "not a list", "fastsplit_history must be a list"),
+    (lambda h: {"0": h[0]}, "fastsplit_history must be a list"),
+    (lambda h: [3], "fastsplit_history[0] must be a dict"),
+    (lambda h: [h[0], None], "fastsplit_history[1] must be a dict"),
+    (lambda h: [{**h[0], "layers": ["h"]}], "fastsplit_history[0]['layers'] must be a dict"),
+    (lambda h: [{**h[0], "layers": {"h": 4}}], "fastsplit_history[0]['layers']['h'] must be a dict"),
+    (lambda h: [_layer(h, old_width="3")], "['old_width'] must be an integer >= 1; got '3'"),
+    (lambda h: [_layer(h, new_width=-6)], "['new_width'] must be an integer >= 1; got -6"),
+    (lambda h: [_layer(h, new_width=6.0)], "got 6.0"),
+    (lambda h: [_layer(h, neurons="all")], "['neurons'] must be a list of unit indices in [0, 3)"),
+    (lambda h: [_layer(h, neurons=[0, 7])], "[0, 7]"),
+    (lambda h: [_layer(h, neurons=[True])], "[True]"),
+    (lambda h: [_layer(h, group="0")], "['group'] must be an integer"),
+    (lambda h: [_layer(h, drop="old_width")], "lacks ['old_width']"),
+    (lambda h: [_layer(h, name=3)], "['name'] must be a string"),
+    (lambda h: [{**h[0], "params_before": -1}], "['params_before'] must be an integer >= 0; got -1"),
+    (lambda h: [{**h[0], "iteration": "5"}], "['iteration'] must be an integer >= 0 or None"),
+    (lambda h: [{**h[0], "kind": 5}], "['kind'] must be a string"),
+    (lambda h: [{**h[0], "times": {"total": "fast"}}], "['times'] must be a dict phase -> seconds"),
+    (lambda h: [{**h[0], "times": {"total": math.nan}}], "['times']"),
+]
+
+
+def _layer(hist, drop=None, **change):
+    ev = json.loads(json.dumps(hist[0]))
+    lg = ev["layers"]["h"]
+    lg.update(change)
+    if drop:
+        del lg[drop]
+    return ev
+
+
+@pytest.mark.parametrize("damage, shown", MALFORMED, ids=[m[1][:40] for m in MALFORMED])
+def test_a_malformed_history_is_refused_at_load_time(damage, shown, grown_config):
+    cls, config, _ = _copy(grown_config)
+    config["fastsplit_history"] = damage(config["fastsplit_history"])
+    with pytest.raises(GrowthError) as e:
+        cls.from_config(config)
+    assert "the saved growth history of model" in str(e.value) and shown in str(e.value)
+
+
+def test_a_malformed_history_in_a_keras_file_is_refused_by_load_model(tmp_path):
+    model, _ = _grown("functional")
+    path = _save_keras(model, tmp_path)
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    cfg = json.loads(files["config.json"])
+    cfg["config"]["fastsplit_history"][1]["layers"]["h"]["neurons"] = ["x"]
+    files["config.json"] = json.dumps(cfg).encode()
+    bad = str(tmp_path / "bad.keras")
+    with zipfile.ZipFile(bad, "w") as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+    with pytest.raises(GrowthError, match=r"fastsplit_history\[1\]\['layers'\]\['h'\]\['neurons'\].*\['x'\]"):
+        keras.models.load_model(bad)
+
+
+def test_a_history_from_a_newer_fastsplit_with_unknown_keys_loads(grown_config):
+    cls, config, hist = _copy(grown_config)
+    config["fastsplit_history"][0]["future_field"] = {"x": 1}
+    config["fastsplit_history"][0]["layers"]["h"]["future_field"] = [1, 2]
+    loaded = cls.from_config(config)
+    assert fk.history(loaded) == hist
