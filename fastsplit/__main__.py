@@ -14,9 +14,12 @@ commands:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE, end="")
-        return 0 if argv else 2
+        return 0
+    if not argv:  # a usage error, as argparse reports one: on stderr, exit status 2
+        print(f"fastsplit: a command is required\n\n{USAGE}", end="", file=sys.stderr)
+        return 2
     if argv[0] == "demo":
         from .demo import main as demo
 

