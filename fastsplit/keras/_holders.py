@@ -46,8 +46,9 @@ def find_holders(model, graph: Graph, plans: dict) -> list[Holder]:
     try:
         return [_check(h, model, graph, plans, touched) for h in _holding(model, touched)]
     except GrowthError:
-        gc.collect()  # a model that is unreachable but not yet collected holds nothing
-        return [_check(h, model, graph, plans, touched) for h in _holding(model, touched)]
+        pass  # collected outside the handler: the traceback's frames still hold the model found
+    gc.collect()  # a model that is unreachable but not yet collected (Sequential's earlier graphs) holds nothing
+    return [_check(h, model, graph, plans, touched) for h in _holding(model, touched)]
 
 
 def _touched_layers(graph: Graph, plans: dict) -> set:
@@ -73,12 +74,13 @@ def _model_types():
 
 def _holding(model, touched: set) -> list:
     """Every live keras.Model, other than ``model`` and the models inside it, that holds a touched layer."""
-    seq = __import__("keras").Sequential
-    own = {id(m) for m in [model, *model._flatten_layers(include_self=False, recursive=True)]}
-    own |= {id(getattr(m, "_functional", None)) for m in [model, *model._flatten_layers(recursive=True)]}
+    own = set()
+    for m in model._flatten_layers(include_self=True, recursive=True):
+        own.add(id(m))
+        own |= {id(g) for g in _internal_graphs(m)}
     types = _model_types()
     found = [o for o in gc.get_objects() if type(o) in types and id(o) not in own]
-    inner = {id(o._functional) for o in found if isinstance(o, seq) and getattr(o, "_functional", None) is not None}
+    inner = {id(g) for o in found for g in _internal_graphs(o)}
     out = []
     for m in found:
         if id(m) in inner:
@@ -90,6 +92,20 @@ def _holding(model, touched: set) -> list:
         if any(id(lay) in touched for lay in layers):
             out.append(m)
     return out
+
+
+def _internal_graphs(layer) -> list:
+    """A Sequential's graphs: the current ``_functional`` and every earlier one, which Keras's tracker keeps
+    alive (one per ``add`` while it was built layer by layer)."""
+    seq = __import__("keras").Sequential
+    if not isinstance(layer, seq):
+        return []
+    tracked = getattr(getattr(layer, "_tracker", None), "config", {}).get("layers", (None, []))[1]
+    return [layer._functional, *(t for t in tracked if _is_model(t))]
+
+
+def _is_model(obj) -> bool:
+    return isinstance(obj, __import__("keras").Model)
 
 
 def _outside(holder, model) -> set:
