@@ -26,6 +26,7 @@ from ._layers import check_layer_names, graph_groups, growable_layers, refusals,
 from ._monitor import PlateauMonitor
 from ._replay import restore_best
 from ._resume import (
+    check_state,
     checkpoint_widths,
     fit_to_widths,
     has_checkpoint,
@@ -323,10 +324,12 @@ class GrowthCallback(PlateauMonitor):
         if getattr(self, "_names", None) is None:
             self._names = self.layers if self.layers is not None else growable_layers(model)
         saved = checkpoint_widths(self.backup_dir, model, self._names)
-        resized = fit_to_widths(model, saved, self.widths())
         epoch, states, path = saved_states(self.backup_dir)
+        state = None if states is None else states.get(str(epoch))
+        if state is not None:  # a malformed state is refused before the model is resized
+            check_state(state, f"{path} (the state after epoch {epoch})")
+        resized = fit_to_widths(model, saved, self.widths())
         if states is not None:
-            state = states.get(str(epoch))
             if state is None:
                 warnings.warn(
                     f"{type(self).__name__}: no saved state for epoch {epoch} in {path}; put it before "

@@ -5,12 +5,15 @@ and their plans) to ``STATE_FILE`` in the ``backup_dir`` it shares with
 ``BackupAndRestore``. When a killed run restarts with a fresh model, the callback reads
 the widths of the checkpoint's ``latest.weights.h5``, widens (or prunes) the model to
 them before ``BackupAndRestore`` loads it, and takes back the state saved for the
-checkpoint's epoch.
+checkpoint's epoch. A state file that cannot be read, or a state that is malformed,
+raises :class:`GrowthError` naming the file and the field before the model is touched.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 
 import numpy as np
@@ -18,6 +21,8 @@ import numpy as np
 from ..compact import CompactPlan
 from ..plan import SplitPlan
 from ..plan import plan as make_plan
+from ._errors import GrowthError
+from ._event import check_event_dict
 
 STATE_FILE = "fastsplit_state.json"
 #: states kept in STATE_FILE: BackupAndRestore may lag one epoch behind the callback
@@ -53,12 +58,87 @@ def saved_states(backup_dir):
     path = os.path.join(backup_dir, STATE_FILE)
     epoch = states = None
     if os.path.exists(meta):
-        with open(meta) as f:
-            epoch = json.load(f).get("epoch")
+        epoch = _read_json(meta).get("epoch")
     if epoch is not None and os.path.exists(path):
-        with open(path) as f:
-            states = json.load(f)
+        states = _read_json(path)
     return epoch, states, path
+
+
+def _read_json(path) -> dict:
+    """A JSON object from ``path``; ``GrowthError`` naming the file when it is not one."""
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GrowthError(f"cannot resume from {path}: {e}") from None
+    if not isinstance(out, dict):
+        raise GrowthError(f"cannot resume from {path}: it holds a {type(out).__name__}, not a JSON object")
+    return out
+
+
+def _is_int(x, low=0) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low
+
+
+def _check_plan_dict(v, where):
+    if not isinstance(v, dict) or not _is_int(v.get("width"), 1):
+        raise GrowthError(f"{where} must be a plan dict with an integer width >= 1; got {v!r:.200}")
+    width = v["width"]
+    units = v.get("keep", v.get("src"))
+    if not isinstance(units, list) or not all(_is_int(u) and u < width for u in units):
+        key = "keep" if "keep" in v else "src"
+        raise GrowthError(f"{where}[{key!r}] must be a list of unit indices in [0, {width}); got {units!r:.200}")
+    if "keep" not in v:
+        ratio = v.get("ratio")
+        if not isinstance(ratio, list) or len(ratio) != len(units) or not all(
+            isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(r) for r in ratio
+        ):
+            raise GrowthError(f"{where}['ratio'] must be a list of {len(units)} finite numbers; got {ratio!r:.200}")
+
+
+def check_state(state, where: str) -> None:
+    """``GrowthError`` naming ``where`` and the field when ``state`` is not what :func:`save_state` wrote.
+
+    Cost: O(events + plan entries).
+    """
+    try:
+        if not isinstance(state, dict):
+            raise GrowthError(f"the state must be a dict; got {state!r:.200}")
+        missing = [k for k in ("epoch", "best", "best_epoch", "wait", "cooldown_counter", "widths",
+                               "event_epochs", "events", "plans") if k not in state]  # fmt: skip
+        if missing:
+            raise GrowthError(f"the state lacks {missing}")
+        for key in ("epoch", "best_epoch", "wait", "cooldown_counter"):
+            if not _is_int(state[key]):
+                raise GrowthError(f"{key} must be an integer >= 0; got {state[key]!r}")
+        best = state["best"]
+        if best is not None and not (isinstance(best, numbers.Real) and not isinstance(best, bool)):
+            raise GrowthError(f"best must be None or a number; got {best!r}")
+        widths = state["widths"]
+        if not isinstance(widths, dict) or not all(isinstance(k, str) and _is_int(w, 1) for k, w in widths.items()):
+            raise GrowthError(f"widths must map layer names to integers >= 1; got {widths!r:.200}")
+        lists = {k: state[k] for k in ("event_epochs", "events", "plans")}
+        if state.get("event_kinds") is not None:
+            lists["event_kinds"] = state["event_kinds"]
+        for key, v in lists.items():
+            if not isinstance(v, list):
+                raise GrowthError(f"{key} must be a list; got {v!r:.200}")
+        if len({len(v) for v in lists.values()}) > 1:
+            raise GrowthError("event_epochs, events, plans (and event_kinds) must have one entry per event; got "
+                              + ", ".join(f"{len(v)} {k}" for k, v in lists.items()))  # fmt: skip
+        if not all(_is_int(e) for e in state["event_epochs"]):
+            raise GrowthError(f"event_epochs must be integers >= 0; got {state['event_epochs']!r:.200}")
+        if not all(k in ("split", "prune") for k in lists.get("event_kinds", [])):
+            raise GrowthError(f"event_kinds must be 'split' or 'prune'; got {state['event_kinds']!r:.200}")
+        for i, e in enumerate(state["events"]):
+            check_event_dict(e, f"events[{i}]")
+        for i, ev in enumerate(state["plans"]):
+            if not isinstance(ev, dict):
+                raise GrowthError(f"plans[{i}] must be a dict layer name -> plan; got {ev!r:.200}")
+            for name, v in ev.items():
+                _check_plan_dict(v, f"plans[{i}][{name!r}]")
+    except GrowthError as e:
+        raise GrowthError(f"cannot resume from {where}: {e}") from None
 
 
 def history_state(events, event_epochs, event_kinds, plans) -> dict:

@@ -422,3 +422,51 @@ def test_a_history_from_a_newer_fastsplit_with_unknown_keys_loads(grown_config):
     config["fastsplit_history"][0]["layers"]["h"]["future_field"] = [1, 2]
     loaded = cls.from_config(config)
     assert fk.history(loaded) == hist
+
+
+# ----------------------------------------------------------------------------- resume state
+
+RESUME_DAMAGE = [
+    # (how each saved callback state is damaged, the text the message must hold)
+    (lambda st: st.pop("plans"), "the state lacks ['plans']"),
+    (lambda st: st["plans"][0]["hidden"].update(src=["x"]), "plans[0]['hidden']['src'] must be a list of unit"),
+    (lambda st: st["plans"][0]["hidden"].update(ratio=[0.5]), "plans[0]['hidden']['ratio'] must be a list of"),
+    (lambda st: st["events"].pop(), "one entry per event"),
+    (lambda st: st["events"][0].update(layers=3), "events[0]['layers'] must be a dict"),
+    (lambda st: st.update(widths={"hidden": "4"}), "widths must map layer names to integers"),
+    (lambda st: st.update(wait=-1), "wait must be an integer >= 0; got -1"),
+    (lambda st: st.update(event_kinds=["grow"] * len(st["events"])), "event_kinds must be 'split' or 'prune'"),
+]
+
+
+def _backed_up_run(d):
+    model = make_model()
+    fit(model, [SplitEvery(1, max_units=8, backup_dir=d, verbose=0),
+                keras.callbacks.BackupAndRestore(str(d), delete_checkpoint=False)], epochs=2)  # fmt: skip
+    return d / "fastsplit_state.json"
+
+
+@pytest.mark.parametrize("damage, shown", RESUME_DAMAGE, ids=[m[1][:40] for m in RESUME_DAMAGE])
+def test_a_malformed_resume_state_is_refused_before_the_model_changes(damage, shown, tmp_path):
+    path = _backed_up_run(tmp_path / "backup")
+    states = json.loads(path.read_text())
+    for st in states.values():
+        damage(st)
+    path.write_text(json.dumps(states))
+    fresh, counter = make_model(), Counter()
+    with pytest.raises(GrowthError) as e:
+        fit(fresh, [SplitEvery(1, max_units=8, backup_dir=tmp_path / "backup", verbose=0),
+                    keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False), counter],
+            epochs=3)  # fmt: skip
+    assert "cannot resume from" in str(e.value) and "fastsplit_state.json" in str(e.value) and shown in str(e.value)
+    assert fresh.get_layer("hidden").kernel.shape[-1] == 2 and counter.batches == 0
+
+
+def test_an_unreadable_resume_state_is_refused(tmp_path):
+    path = _backed_up_run(tmp_path / "backup")
+    path.write_text('{"2": {"epoch": ')
+    fresh = make_model()
+    with pytest.raises(GrowthError, match="cannot resume from .*fastsplit_state.json"):
+        fit(fresh, [SplitEvery(1, max_units=8, backup_dir=tmp_path / "backup", verbose=0),
+                    keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)], epochs=3)  # fmt: skip
+    assert fresh.get_layer("hidden").kernel.shape[-1] == 2
