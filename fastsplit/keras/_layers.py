@@ -19,7 +19,7 @@ def graph_groups(model) -> list:
 
 
 def check_layer_names(layers):
-    """``None`` or a non-empty list of distinct layer names (a single name is a list of one).
+    """``None`` or a non-empty list of distinct layer names (a single name is a list of one, a set a sorted list).
 
     ``GrowthError`` names the value otherwise (a dict, a number, a name twice, a non-string).
     """
@@ -28,6 +28,8 @@ def check_layer_names(layers):
     given = layers
     if isinstance(layers, str):
         layers = [layers]
+    if isinstance(layers, (set, frozenset)) and all(isinstance(n, str) for n in layers):
+        layers = sorted(layers)
     if isinstance(layers, (list, tuple)):
         layers = list(layers)
         if layers and all(isinstance(n, str) and n for n in layers):

@@ -201,6 +201,7 @@ def test_numpy_scalars_and_paths_are_accepted(tmp_path):
     assert (cb.patience, cb.cooldown, cb.max_units, cb.seed) == (2, 1, {"hidden": 8}, 3)
     assert cb.stop_when_grown is False and cb.eps == 1e-3 and cb.layers == ["hidden"]
     assert type(cb.min_delta) is float and type(cb.seed) is int
+    assert SplitOnPlateau(layers={"b", "a"}).layers == ["a", "b"]
     assert not (tmp_path / "b").exists()  # nothing is created before fit
 
 
