@@ -119,6 +119,7 @@ class Rows:
     key: int
     first: bool
     runs: np.ndarray = field(default=None, repr=False)
+    noise_by_source: bool = False
 
 
 @dataclass
@@ -130,7 +131,10 @@ class Task:
         ``out[o, j, i] = x[o, src[j], i] * scale[j] + add[j] + noise[j] * gauss(key, (o*m + j)*inner + i)``
 
     with ``x`` and ``out`` C-contiguous numpy or CuPy arrays of shapes
-    ``(outer, n, inner)`` and ``(outer, m, inner)``.
+    ``(outer, n, inner)`` and ``(outer, m, inner)``. With ``noise_by_source``
+    the draw is made at the flat index of the element read,
+    ``gauss(key, (o*n + src[j])*inner + i)``, so every copy of a unit gets the
+    same draws (``symmetry="direction"``: one direction per source unit).
 
     Two axes (``rows`` a :class:`Rows`): ``x`` is ``(outer, nA, mid, n, inner)``
     and ``out`` is ``(outer, mA, mid, m, inner)``; ``src``... describe the
@@ -138,7 +142,9 @@ class Task:
     (``rows.first``) is computed and rounded to the dtype, then the second; a
     step's noise is drawn at the flat index of the element in that step's
     result (the intermediate for the first step, ``out`` for the second), as
-    two one-axis tasks would draw it.
+    two one-axis tasks would draw it; or, for a step with ``noise_by_source``,
+    in that step's input (``x`` for the first step, the intermediate for the
+    second).
 
     ``src``/``scale``/``add``/``noise`` are host numpy arrays of length ``m``
     (``add``/``noise`` None when zero). ``dtype`` names the element type
@@ -155,6 +161,7 @@ class Task:
     dtype: str
     runs: np.ndarray = field(default=None, repr=False)
     rows: Rows | None = None
+    noise_by_source: bool = False
 
 
 #: CPU results are aligned to this many bytes: TensorFlow's oneDNN kernels abort on a

@@ -34,7 +34,11 @@
 //
 // Noise: tasks with F_NOISE go element by element; a column whose noise[j] is 0
 // (the original units) gets no draw at all, where the reference adds 0 * gauss,
-// which differs only in the sign of a zero result.
+// which differs only in the sign of a zero result. With F_NSRC (F_RNSRC for the
+// rows) the draw is made at the flat index of the element read, (o*n + src[j])*inner + i,
+// instead of the element written, so every copy of a unit gets the same draws
+// (symmetry "direction"); in a two-axis task that is the index in the step's
+// input: x for the first step, the intermediate for the second.
 //
 // No #include: NVRTC compiles this file as it is. Half and bfloat16 travel as
 // 16-bit integers (PTX cvt for half, round-to-nearest-even by hand for bfloat16).
@@ -69,6 +73,8 @@ enum : i64 {
     F_RSCALE = 128, // multiply by rscale[a]
     F_RADD = 256,   // add radd[a]
     F_RNOISE = 512, // add rnoise[a] * gauss(rkey, flat index)
+    F_NSRC = 1024,  // F_NOISE drawn at the flat index of the element read, not written
+    F_RNSRC = 2048, // F_RNOISE likewise
 };
 
 // One task: 24 int64 fields, 192 bytes (field order as in _cuda_layout.FIELDS).
@@ -318,21 +324,28 @@ __device__ __forceinline__ void two_axis_tile(const Desc* d, const char* __restr
         for (int k = 0; k < VEC; ++k) {
             if (k < kmax) {
                 const i64 sj = __ldg(src + j);
-                C y = Tr::to_c(wide ? buf.s[k] : x[(xr * n + sj) * inner + i]);
+                const i64 xi = (xr * n + sj) * inner + i;  // flat index in x; mi: in the intermediate
+                C y = Tr::to_c(wide ? buf.s[k] : x[xi]);
                 if (rfirst) {
+                    const i64 mi = (r * n + sj) * inner + i;
                     if (rstep) {
                         y = step(y, flags, F_RSCALE, F_RADD, F_RNOISE, rscale, radd, rnoise, a, rkey,
-                                 (r * n + sj) * inner + i);
+                                 (flags & F_RNSRC) ? xi : mi);
                         y = Tr::to_c(Tr::from_c(y));
                     }
-                    if (cstep) y = step(y, flags, F_SCALE, F_ADD, F_NOISE, scale, addv, noise, j, key, f + k);
+                    if (cstep)
+                        y = step(y, flags, F_SCALE, F_ADD, F_NOISE, scale, addv, noise, j, key,
+                                 (flags & F_NSRC) ? mi : f + k);
                 } else {
+                    const i64 mi = (xr * m + j) * inner + i;
                     if (cstep) {
                         y = step(y, flags, F_SCALE, F_ADD, F_NOISE, scale, addv, noise, j, key,
-                                 (xr * m + j) * inner + i);
+                                 (flags & F_NSRC) ? xi : mi);
                         y = Tr::to_c(Tr::from_c(y));
                     }
-                    if (rstep) y = step(y, flags, F_RSCALE, F_RADD, F_RNOISE, rscale, radd, rnoise, a, rkey, f + k);
+                    if (rstep)
+                        y = step(y, flags, F_RSCALE, F_RADD, F_RNOISE, rscale, radd, rnoise, a, rkey,
+                                 (flags & F_RNSRC) ? mi : f + k);
                 }
                 buf.s[k] = Tr::from_c(y);
                 if (++i == inner) {
@@ -414,13 +427,14 @@ __device__ __forceinline__ void split_body(const char* __restrict__ blob, i64 nt
                 const i64 kmax = total - f < VEC ? total - f : VEC;
 #pragma unroll 1
                 for (i64 k = 0; k < kmax; ++k) {
-                    C y = Tr::to_c(x[(o * n + __ldg(src + j)) * inner + i]);
+                    const i64 xi = (o * n + __ldg(src + j)) * inner + i;
+                    C y = Tr::to_c(x[xi]);
                     if (flags & F_SCALE) y = mul_rn(y, __ldg(scale + j));
                     if (flags & F_ADD) y = add_rn(y, __ldg(addv + j));
                     const double nz = __ldg(noise + j);
                     if (nz != 0.0) {
                         C draw;
-                        narrow(__dmul_rn(nz, gauss(key, (u64)(f + k))), draw);
+                        narrow(__dmul_rn(nz, gauss(key, (u64)((flags & F_NSRC) ? xi : f + k))), draw);
                         y = add_rn(y, draw);
                     }
                     out[f + k] = Tr::from_c(y);

@@ -61,7 +61,7 @@ def test_desc_fields_match_the_cuda_struct():
     names = [line.split()[1].rstrip(";") for line in body.splitlines()[1:] if line.strip().startswith("i64 ")]
     assert tuple(names) == lay.FIELDS
     for flag in ("F_SCALE", "F_ADD", "F_NOISE", "F_XALIGN", "F_OALIGN", "F_TWO", "F_RFIRST", "F_RSCALE", "F_RADD",
-                 "F_RNOISE"):
+                 "F_RNOISE", "F_NSRC", "F_RNSRC"):
         assert f"{flag} = {getattr(lay, flag)}," in src
 
 
@@ -305,7 +305,8 @@ class Emulator:
                         if addv is not None:
                             y = self.ct.type(y + addv[j])
                         if noise[j] != 0.0:
-                            draw = self.ct.type(noise[j] * _noise.gauss(key, np.array([f + k]))[0])
+                            at = (o * n + int(src[j])) * inner + i if flags & lay.F_NSRC else f + k
+                            draw = self.ct.type(noise[j] * _noise.gauss(key, np.array([at]))[0])
                             y = self.ct.type(y + draw)
                         store(f + k, self.from_c(y))
                         i += 1
@@ -389,7 +390,8 @@ def random_src(rng, n, extra):
     return np.concatenate([np.arange(n), np.sort(rng.integers(0, n, size=extra))]).astype(np.int64)
 
 
-# (outer, n, m-n extra copies, inner, x misalignment in elements, out misalignment, add, noise, scale)
+# (outer, n, m-n extra copies, inner, x misalignment in elements, out misalignment, add, noise, scale);
+# noise "source": drawn at the flat index of the element read (Task.noise_by_source), on every column
 CASES = [
     (5, 13, 7, 1, 0, 0, False, False, False),     # dense producer, odd sizes, row < tile
     (4, 16, 8, 1, 0, 0, False, False, True),      # aligned rows: wide prefix loads
@@ -403,7 +405,18 @@ CASES = [
     (2, 6, 3, 4, 1, 1, True, True, True),         # everything at once
     (0, 4, 2, 3, 0, 0, False, False, False),      # empty
     (3, 1, 2, 1, 0, 0, False, False, True),       # a single unit
+    (4, 11, 6, 1, 0, 0, False, "source", False),  # symmetry "direction": one draw per source element
+    (2, 6, 3, 4, 1, 1, True, "source", True),     # ... with everything else
 ]
+
+
+def _noise_vector(rng, n, m, with_noise):
+    """None, noise on the extra copies, or (``"source"``) signed noise on every column, as "direction" has."""
+    if not with_noise:
+        return None
+    if with_noise == "source":
+        return rng.uniform(-0.1, 0.1, m)
+    return np.where(np.arange(m) >= n, rng.uniform(0.01, 0.1, m), 0.0)
 
 
 def _build_case(rng, dtype, mem, cases, shared_src=True):
@@ -418,13 +431,13 @@ def _build_case(rng, dtype, mem, cases, shared_src=True):
         x = rng.standard_normal((outer, n, inner)).astype(as_dtype(dtype))
         scale = rng.uniform(0.1, 1.0, m) if with_scale else np.ones(m)
         add = rng.uniform(-1e-2, 1e-2, m) if with_add else None
-        noise = np.where(np.arange(m) >= n, rng.uniform(0.01, 0.1, m), 0.0) if with_noise else None
+        noise = _noise_vector(rng, n, m, with_noise)
         key = int(rng.integers(0, 2**63)) * 2 + 1
         xa = mem.place(x.view(storage), xmis * storage.itemsize)
         oa = mem.place(np.zeros((outer, m, inner), storage), omis * storage.itemsize)
-        tasks.append((x, src, scale, add, noise, key, oa, (outer, m, inner)))
+        tasks.append((x, src, scale, add, noise, key, oa, (outer, m, inner), with_noise == "source"))
         specs.append(lay.TaskSpec(x=xa, out=oa, outer=outer, n=n, m=m, inner=inner, src=src, scale=scale,
-                                  add=add, noise=noise, key=key))
+                                  add=add, noise=noise, key=key, noise_by_source=with_noise == "source"))
     return tasks, specs
 
 
@@ -439,10 +452,10 @@ def test_emulated_kernel_writes_every_element_once_with_the_reference_value(dtyp
     emu = Emulator(dtype, threads, items)
     writes = {s.out: np.zeros(s.outer * s.m * s.inner, dtype=np.int64) for s in specs}
     emu.launch(layout, mem, layout.total_tiles if grid is None else grid, writes)
-    for (x, src, scale, add, noise, key, oa, shape) in tasks:
+    for (x, src, scale, add, noise, key, oa, shape, by_source) in tasks:
         assert np.all(writes[oa] == 1), "an output element was written never or twice"
         got = mem.view(oa, storage, int(np.prod(shape))).reshape(shape)
-        want = _reference.gather(x, src, scale, add, noise, key).view(storage)
+        want = _reference.gather(x, src, scale, add, noise, key, by_source).view(storage)
         np.testing.assert_array_equal(got, want)
     assert emu.wide_loads > 0 and emu.wide_stores > 0
 
@@ -594,10 +607,10 @@ def _host_buffers(rng, dtype, cases):
         ov = obuf[ostart:ostart + outer * m * inner]
         scale = rng.uniform(0.1, 1.0, m) if with_scale else np.ones(m)
         add = rng.uniform(-1e-2, 1e-2, m) if with_add else None
-        noise = np.where(np.arange(m) >= n, rng.uniform(0.01, 0.1, m), 0.0) if with_noise else None
+        noise = _noise_vector(rng, n, m, with_noise)
         key = int(rng.integers(0, 2**62)) * 4 + 3
         spec = lay.TaskSpec(x=xv.ctypes.data, out=ov.ctypes.data, outer=outer, n=n, m=m, inner=inner, src=src,
-                            scale=scale, add=add, noise=noise, key=key)
+                            scale=scale, add=add, noise=noise, key=key, noise_by_source=with_noise == "source")
         out.append((spec, x, xbuf, ov, obuf))
     return out
 
@@ -623,7 +636,7 @@ def test_kernel_source_on_the_cpu_matches_the_reference(host_kernel, dtype, grid
     g = layout.total_tiles if grid is None else min(grid, layout.total_tiles)
     launch(DTYPES.index(dtype), layout.blob.ctypes.data, layout.ntasks, layout.total_tiles, g)
     for spec, x, _xbuf, ov, obuf in bufs:
-        want = _reference.gather(x, spec.src, spec.scale, spec.add, spec.noise, spec.key)
+        want = _reference.gather(x, spec.src, spec.scale, spec.add, spec.noise, spec.key, spec.noise_by_source)
         got = ov.reshape(want.shape)
         if spec.noise is None:
             np.testing.assert_array_equal(got, want.view(storage))
@@ -794,6 +807,12 @@ TWO_CASES = [
     (1, 97, 40, 1, 33, 20, 1, 0, 0, True, (True, False, False), (False, False, False)),  # many tiles
     (2, 3, 1, 1, 64, 32, 16, 0, 0, False, (True, False, False), (True, False, False)),  # inner 16: wide loads
     (3, 7, 0, 2, 5, 0, 8, 0, 0, True, (False, False, False), (False, False, False)),  # identity on both axes
+    # noise drawn by source ("direction"), on either step, rows first or not
+    (2, 6, 2, 3, 9, 5, 1, 0, 1, False, (True, False, False), (False, False, "source")),
+    (2, 6, 2, 3, 9, 5, 2, 0, 0, True, (True, False, False), (False, False, "source")),
+    (3, 5, 3, 2, 7, 4, 3, 1, 0, True, (False, False, "source"), (True, True, False)),
+    (3, 5, 3, 2, 7, 4, 3, 0, 0, False, (False, False, "source"), (True, False, True)),
+    (2, 4, 3, 1, 11, 6, 2, 0, 0, False, (False, False, "source"), (True, False, "source")),
 ]
 
 
@@ -801,8 +820,8 @@ def _vectors(rng, n, m, flags):
     with_scale, with_add, with_noise = flags
     scale = rng.uniform(0.1, 1.0, m) if with_scale else np.ones(m)
     add = rng.uniform(-1e-2, 1e-2, m) if with_add else None
-    noise = np.where(np.arange(m) >= n, rng.uniform(0.01, 0.1, m), 0.0) if with_noise else None
-    return scale, add, noise, int(rng.integers(0, 2**62)) * 4 + 1
+    noise = _noise_vector(rng, n, m, with_noise)
+    return scale, add, noise, int(rng.integers(0, 2**62)) * 4 + 1, with_noise == "source"
 
 
 def _two_axis_buffers(rng, dtype, cases):
@@ -824,14 +843,15 @@ def _two_axis_buffers(rng, dtype, cases):
         obuf = np.full(size + 16, 0x55, dtype=storage)
         ostart = (-obuf.ctypes.data // storage.itemsize) % vec + omis
         ov = obuf[ostart:ostart + size]
-        rscale, radd, rnoise, rkey = _vectors(rng, na, ma, rflags)
-        scale, add, noise, key = _vectors(rng, nb, mb, cflags)
-        rows = lay.RowSpec(na=na, mid=mid, src=rsrc, scale=rscale, add=radd, noise=rnoise, key=rkey, first=first)
+        rscale, radd, rnoise, rkey, rby = _vectors(rng, na, ma, rflags)
+        scale, add, noise, key, by = _vectors(rng, nb, mb, cflags)
+        rows = lay.RowSpec(na=na, mid=mid, src=rsrc, scale=rscale, add=radd, noise=rnoise, key=rkey, first=first,
+                           noise_by_source=rby)
         spec = lay.TaskSpec(x=xv.ctypes.data, out=ov.ctypes.data, outer=outer, n=nb, m=mb, inner=inner, src=csrc,
-                            scale=scale, add=add, noise=noise, key=key, rows=rows)
+                            scale=scale, add=add, noise=noise, key=key, rows=rows, noise_by_source=by)
         want = np.zeros((outer, ma, mid, mb, inner), dtype=x.dtype)
         _reference.run([Task(x, want, csrc, scale, add, noise, key, dtype, column_runs(csrc),
-                             Rows(rsrc, rscale, radd, rnoise, rkey, first, column_runs(rsrc)))])
+                             Rows(rsrc, rscale, radd, rnoise, rkey, first, column_runs(rsrc), rby), by)])
         out.append((spec, want, ov, obuf, xbuf))  # xbuf: the kernel reads it through an address
     return out
 
@@ -855,6 +875,8 @@ def test_two_axis_rows_in_the_table():
         assert bool(flags & lay.F_RSCALE) == bool(np.any(r.scale != 1))
         assert bool(flags & lay.F_RADD) == (r.add is not None)
         assert bool(flags & lay.F_RNOISE) == (r.noise is not None)
+        assert bool(flags & lay.F_RNSRC) == (r.noise is not None and r.noise_by_source)
+        assert bool(flags & lay.F_NSRC) == (s.noise is not None and s.noise_by_source)
         rsrc = L.blob[t[row, fld["rsrc"]]:][: 8 * ma].view(np.int64)
         np.testing.assert_array_equal(rsrc, r.src)
         if r.noise is not None:
@@ -984,7 +1006,8 @@ class TestGPU:
     def storage(self, dtype):
         return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
 
-    def task(self, x, src, scale, add=None, noise=None, key=0, dtype=None, x_offset=0, out_offset=0):
+    def task(self, x, src, scale, add=None, noise=None, key=0, dtype=None, x_offset=0, out_offset=0,
+             noise_by_source=False):
         """A Task on the GPU; ``*_offset`` elements of misalignment (views into larger buffers)."""
         cp = self.cp
         st = self.storage(dtype)
@@ -995,13 +1018,13 @@ class TestGPU:
         obuf = cp.full(outer * m * inner + out_offset, 0x7E00 if st.itemsize == 2 else -1, dtype=st)
         return Task(x=xbuf[x_offset:].reshape(outer, n, inner), out=obuf[out_offset:].reshape(outer, m, inner),
                     src=np.asarray(src, np.int64), scale=np.asarray(scale, np.float64), add=add, noise=noise,
-                    key=key, dtype=dtype, runs=column_runs(np.asarray(src, np.int64)))
+                    key=key, dtype=dtype, runs=column_runs(np.asarray(src, np.int64)), noise_by_source=noise_by_source)
 
     def fetch(self, task, dtype):
         return self.cp.asnumpy(task.out).view(as_dtype(dtype))
 
     def check(self, task, x, dtype):
-        want = _reference.gather(x, task.src, task.scale, task.add, task.noise, task.key)
+        want = _reference.gather(x, task.src, task.scale, task.add, task.noise, task.key, task.noise_by_source)
         got = self.fetch(task, dtype)
         if task.noise is None:
             np.testing.assert_array_equal(got.view(self.storage(dtype)), want.view(self.storage(dtype)))
@@ -1018,9 +1041,9 @@ class TestGPU:
             x = rng.standard_normal((outer, n, inner)).astype(as_dtype(dtype))
             scale = rng.uniform(0.1, 1.0, m) if with_scale else np.ones(m)
             add = rng.uniform(-1e-2, 1e-2, m) if with_add else None
-            noise = np.where(np.arange(m) >= n, rng.uniform(0.01, 0.1, m), 0.0) if with_noise else None
+            noise = _noise_vector(rng, n, m, with_noise)
             tasks.append(self.task(x, src, scale, add, noise, key=int(rng.integers(2**62)), dtype=dtype,
-                                   x_offset=xmis, out_offset=omis))
+                                   x_offset=xmis, out_offset=omis, noise_by_source=with_noise == "source"))
             xs.append(x)
         cupy_cuda.run(tasks)
         self.cp.cuda.get_current_stream().synchronize()

@@ -49,6 +49,8 @@ F_RFIRST = 64
 F_RSCALE = 128
 F_RADD = 256
 F_RNOISE = 512
+F_NSRC = 1024
+F_RNSRC = 2048
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class RowSpec:
     noise: np.ndarray | None = None
     key: int = 0
     first: bool = True
+    noise_by_source: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class TaskSpec:
     ``x`` and ``out`` are device addresses of C-contiguous ``(outer, n, inner)``
     and ``(outer, m, inner)`` arrays, ``m == len(src)``; with ``rows`` set, of
     ``(outer, rows.na, rows.mid, n, inner)`` and ``(outer, len(rows.src), rows.mid, m, inner)``.
+    ``noise_by_source`` (and ``rows.noise_by_source``) draws the noise at the
+    flat index of the element read (``Task.noise_by_source``).
     """
 
     x: int
@@ -90,6 +95,7 @@ class TaskSpec:
     noise: np.ndarray | None = None
     key: int = 0
     rows: RowSpec | None = None
+    noise_by_source: bool = False
 
     @property
     def out_rows(self) -> int:
@@ -212,6 +218,8 @@ def build(specs: Sequence[TaskSpec], *, itemsize: int, compute, threads: int, it
         src_off, run_off = _put_src(blob, shared, keep, s.src, src)
         flags, scale_off, add_off, noise_off = _put_vectors(blob, compute, s.scale, s.add, s.noise,
                                                             (F_SCALE, F_ADD, F_NOISE))
+        if s.noise is not None and s.noise_by_source:
+            flags |= F_NSRC
         if s.x % ALIGN == 0:
             flags |= F_XALIGN
         if s.out % ALIGN == 0:
@@ -234,6 +242,8 @@ def build(specs: Sequence[TaskSpec], *, itemsize: int, compute, threads: int, it
             rflags, rscale_off, radd_off, rnoise_off = _put_vectors(blob, compute, r.scale, r.add, r.noise,
                                                                     (F_RSCALE, F_RADD, F_RNOISE))
             flags |= F_TWO | rflags | (F_RFIRST if r.first else 0)
+            if r.noise is not None and r.noise_by_source:
+                flags |= F_RNSRC
             rows = (r.na, ma, r.mid, rsrc_off, rscale_off, radd_off, rnoise_off, _key_bits(r.key))
         total = s.out_rows * m * int(s.inner)
         table[row] = (

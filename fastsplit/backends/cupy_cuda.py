@@ -214,12 +214,14 @@ def _spec(task) -> _cuda_layout.TaskSpec:
     if task.rows is not None:
         r = task.rows
         rows = _cuda_layout.RowSpec(na=shape[1], mid=shape[2], src=r.src, scale=r.scale, add=r.add, noise=r.noise,
-                                    key=int(r.key), first=bool(r.first))
+                                    key=int(r.key), first=bool(r.first),
+                                    noise_by_source=bool(getattr(r, "noise_by_source", False)))
         shape = (shape[0], shape[3], shape[4])
     outer, n, inner = shape
     return _cuda_layout.TaskSpec(
         x=int(task.x.data.ptr), out=int(task.out.data.ptr), outer=outer, n=n, m=int(np.shape(task.src)[0]),
         inner=inner, src=task.src, scale=task.scale, add=task.add, noise=task.noise, key=int(task.key), rows=rows,
+        noise_by_source=bool(getattr(task, "noise_by_source", False)),
     )
 
 

@@ -111,6 +111,7 @@ _PROTO = {name: np.empty(0, dtype=st) for name, (st, _) in _TYPES.items()}
 _ADD = 1  # task flag: add[j] is added
 _NOISE = 2  # task flag: noise[j] * gauss is added
 _FIRST = 4  # row flag of a two-axis task: the gather along the rows is the first step
+_SRC = 8  # task or row flag: the noise is drawn at the flat index of the element read (Task.noise_by_source)
 
 # columns of the tables the wrapper builds: outer, n, m, inner, first column in the concatenated vectors,
 # first segment, end segment, flags; then for a two-axis task (column 8 set): nA, mA, mid, first row in the
@@ -401,9 +402,11 @@ def _box_general(x, out, proto, n, m, inner, c0, src, scale, add, noise, key, fl
 
     A zero ``noise[j]`` still adds ``0.0 * gauss`` as the reference does, which
     only matters for the sign of a zero result, so the draw is only made then.
+    The draw's index is the output element's, or with ``_SRC`` the input element's.
     """
     with_add = (flags & _ADD) != 0
     with_noise = (flags & _NOISE) != 0
+    by_source = (flags & _SRC) != 0
     for o in range(o0, o1):
         for j in range(j0, j1):
             f = scale[c0 + j]
@@ -416,7 +419,7 @@ def _box_general(x, out, proto, n, m, inner, c0, src, scale, add, noise, key, fl
                 if with_noise:
                     sd = noise[c0 + j]
                     if sd != 0.0 or y == 0.0:
-                        y = y + _like(sd * _gauss(key, np.uint64(os + i)), scale)
+                        y = y + _like(sd * _gauss(key, np.uint64((xs if by_source else os) + i)), scale)
                 out[os + i] = _narrow(y, proto)
 
 
@@ -518,12 +521,16 @@ def _box2_general(x, out, proto, n, m, inner, c0, src, scale, add, noise, key, f
 
     A step's noise index is the element's flat index in that step's result: the
     intermediate ``(outer, mA, mid, n, inner)`` (rows first) or ``(outer, nA, mid, m, inner)``
-    (columns first) for the first step, ``out`` for the second.
+    (columns first) for the first step, ``out`` for the second. A step drawn by source
+    (``_SRC``) uses the flat index in its input instead: ``x`` for the first step, the
+    intermediate for the second.
     """
     c_add = (flags & _ADD) != 0
     c_noise = (flags & _NOISE) != 0
     r_add = (rflags & _ADD) != 0
     r_noise = (rflags & _NOISE) != 0
+    c_src = (flags & _SRC) != 0
+    r_src = (rflags & _SRC) != 0
     rows_first = (rflags & _FIRST) != 0
     zero = _like(0.0, scale)
     for r in range(o0, o1):
@@ -542,13 +549,13 @@ def _box2_general(x, out, proto, n, m, inner, c0, src, scale, add, noise, key, f
             for i in range(i0, i1):
                 y = _widen(x[xs + i])
                 if rows_first:
-                    y = _step(y, fr, r_add, ar, r_noise, sr, rkey, first + i, scale)
+                    y = _step(y, fr, r_add, ar, r_noise, sr, rkey, (xs if r_src else first) + i, scale)
                     y = _widen(_narrow(y, proto))
-                    y = _step(y, fc, c_add, ac, c_noise, sc, key, os + i, scale)
+                    y = _step(y, fc, c_add, ac, c_noise, sc, key, (first if c_src else os) + i, scale)
                 else:
-                    y = _step(y, fc, c_add, ac, c_noise, sc, key, first + i, scale)
+                    y = _step(y, fc, c_add, ac, c_noise, sc, key, (xs if c_src else first) + i, scale)
                     y = _widen(_narrow(y, proto))
-                    y = _step(y, fr, r_add, ar, r_noise, sr, rkey, os + i, scale)
+                    y = _step(y, fr, r_add, ar, r_noise, sr, rkey, (first if r_src else os) + i, scale)
                 out[os + i] = _narrow(y, proto)
 
 
@@ -697,6 +704,14 @@ def _boxes(outer, m, inner, itemsize: int, chunk: int):
 _DTYPE_OK: dict = {}  # (numpy dtype, task.dtype) -> whether arrays of that dtype hold task.dtype
 
 
+def _flags(step) -> int:
+    """``_ADD``, ``_NOISE`` and ``_SRC`` of a task (its gather along the columns) or of its ``rows``."""
+    flags = _ADD if step.add is not None else 0
+    if step.noise is not None:
+        flags |= _NOISE | (_SRC if getattr(step, "noise_by_source", False) else 0)
+    return flags
+
+
 def _check(t) -> tuple:
     """The task's row of the shape table and its two data addresses, or TypeError/ValueError."""
     x, out = t.x, t.out
@@ -723,12 +738,12 @@ def _check(t) -> tuple:
         raise ValueError(f"task arrays must be aligned and in native byte order, got {x.dtype.str} / {out.dtype.str}")
     if not out.flags.writeable:
         raise ValueError("task output is read-only")
-    flags = (_ADD if t.add is not None else 0) | (_NOISE if t.noise is not None else 0)
+    flags = _flags(t)
     if r is None:
         row = (x.shape[0], x.shape[1], m, x.shape[2], flags, 0, 0, 0, 0, 0, x.shape[0])
     else:
         outer, na, mid, n, inner = x.shape
-        rflags = (_ADD if r.add is not None else 0) | (_NOISE if r.noise is not None else 0) | (_FIRST if r.first else 0)
+        rflags = _flags(r) | (_FIRST if r.first else 0)
         row = (outer * ma * mid, n, m, inner, flags, 1, na, ma, mid, rflags, outer * na * mid)
     return row, x.__array_interface__["data"][0], out.__array_interface__["data"][0]
 
