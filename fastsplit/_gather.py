@@ -45,7 +45,7 @@ import numpy as np
 
 from . import _dispatch, interop
 from ._errors import SplitError
-from .plan import AxisPlan, column_runs
+from .plan import DRAWING, AxisPlan, column_runs
 
 __all__ = ["ALIGN", "CHANNELS", "DTYPES", "ROLES", "Job", "Rows", "Task", "aligned_empty", "column_runs",
            "execute"]
@@ -65,6 +65,10 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: roles whose merged value is a sum over the group, and the one that adds square roots
 SUM_ROLES = ("outgoing", "moment1")
 ROOT_ROLES = ("moment2",)
+
+#: roles whose entries a ``symmetry="fresh"`` plan replaces on its fresh units (scale 0, then the draws for
+#: ``"incoming"``); every other role follows the ratio powers, which give fresh units 0 where ``p > 0``
+REPLACED_ROLES = ("incoming", "bias")
 
 
 @dataclass
@@ -88,10 +92,11 @@ class Job:
             ``split(split(x, plan, axis, role, channels), *also)``, done in
             one pass with no intermediate array: the first step's result is
             rounded to the tensor's dtype before the second step, as the two
-            calls would. One difference: the noise of an ``"incoming"`` step
-            of a ``"noise"`` plan is scaled by the standard deviation of the
-            source unit's entries in ``x`` (the original columns), for the
-            second step too, where two calls would measure the intermediate.
+            calls would. One difference: the draws of an ``"incoming"`` step
+            of a ``"noise"``, ``"fresh"`` or ``"direction"`` plan are scaled
+            by the standard deviation (root mean square for ``"direction"``)
+            of the source unit's entries in ``x`` (the original columns), for
+            the second step too, where two calls would measure the intermediate.
     """
 
     x: Any
@@ -209,6 +214,24 @@ def _scale(plan, power: int) -> np.ndarray:
     return cache[power]
 
 
+def _role_scale(plan, role: str) -> np.ndarray:
+    """The per-unit factor of ``role``: ``ratio**p``, or for :data:`REPLACED_ROLES` of a ``"fresh"`` plan 1/0.
+
+    The fresh units' incoming weights are replaced by draws (scale 0, then the noise) and their bias by 0.
+    """
+    if plan.symmetry == "fresh" and role in REPLACED_ROLES:
+        cache = _derived(plan)["scale"]
+        if "fresh" not in cache:
+            cache["fresh"] = np.ascontiguousarray(np.where(plan.is_copy, 0.0, 1.0))
+        return cache["fresh"]
+    return _scale(plan, ROLES[role][0])
+
+
+def _scales(plan, role: str) -> bool:
+    """Whether ``role`` multiplies by anything but 1 (``ratio**p`` with ``p > 0``, or a ``"fresh"`` replacement)."""
+    return bool(ROLES[role][0]) or (plan.symmetry == "fresh" and role in REPLACED_ROLES)
+
+
 def _dtype_name(native: interop.Native) -> str:
     if native.bf16:
         return "bfloat16"
@@ -243,14 +266,18 @@ def _positions(shape: tuple, axis: int, width: int) -> int:
     raise SplitError(f"axis {axis} has length {n}, which is neither the plan width {width} nor a multiple of it")
 
 
-def _column_std(xp, x3, units: np.ndarray) -> np.ndarray:
-    """float64 standard deviation of each listed unit's entries of a 3-D view."""
+def _column_std(xp, x3, units: np.ndarray, rms: bool = False) -> np.ndarray:
+    """float64 standard deviation (root mean square with ``rms``) of each listed unit's entries of a 3-D view."""
     if units.size == 0:
         return np.zeros(0)
     sub = x3[:, xp.asarray(units), :]
     if sub.dtype.itemsize == 2:
         sub = sub.astype(np.float32)
-    std = sub.std(axis=(0, 2), dtype=np.float64)
+    if rms:
+        sub = sub.astype(np.float64)
+        std = xp.sqrt((sub * sub).mean(axis=(0, 2)))
+    else:
+        std = sub.std(axis=(0, 2), dtype=np.float64)
     return np.asarray(std.get() if hasattr(std, "get") else std, dtype=np.float64)
 
 
@@ -272,7 +299,11 @@ class _Step:
     @property
     def draws_noise(self) -> bool:
         p = self.gather
-        return ROLES[self.role][2] and p.symmetry == "noise" and p.sigma > 0 and bool(p.is_copy.any())
+        if not ROLES[self.role][2] or p.symmetry not in DRAWING or not p.sigma > 0:
+            return False
+        if p.symmetry == "direction":
+            return bool(np.any(_direction(p) != 0))
+        return bool(p.is_copy.any())
 
 
 def _step(where: str, plan, axis, role, channels, shape: tuple, merge: bool, what: str = "") -> _Step:
@@ -299,7 +330,7 @@ def _step(where: str, plan, axis, role, channels, shape: tuple, merge: bool, wha
     merging = merging and (role in SUM_ROLES or role in ROOT_ROLES)
     if not merging and ROLES[role][0]:
         try:
-            _scale(gather, ROLES[role][0])  # a merge plan outside compact_many refuses here (no ratio)
+            _role_scale(gather, role)  # a merge plan outside compact_many refuses here (no ratio)
         except SplitError as exc:
             raise SplitError(f"{where}{what}{exc}") from None
     return _Step(plan, gather, axis, role, channels, positions, merging)
@@ -339,20 +370,40 @@ def _view5(shape: tuple, a: _Step, b: _Step) -> tuple[int, int, int, int, int]:
     return outer, a.plan.width, mid, b.plan.width, inner
 
 
+def _direction(plan) -> np.ndarray:
+    """``plan.direction``, computed once per plan."""
+    d = _derived(plan)
+    if "direction" not in d:
+        d["direction"] = plan.direction
+    return d["direction"]
+
+
 def _vectors(step: _Step, xp, x3) -> tuple:
-    """(src, scale, add, noise, key, runs) of one gather; noise measured on the 3-D view ``x3`` of the input."""
+    """(src, scale, add, noise, key, runs, by_source) of one gather; draws scaled on the 3-D view ``x3`` of the input.
+
+    ``"noise"`` and ``"fresh"``: the extra copies get ``sigma * std`` of their source column, drawn at their own
+    flat indices. ``"direction"``: every copy ``j`` of a split unit gets ``sigma * c_j * rms`` of its source
+    column, drawn at the source element's flat index (``by_source``), so all copies share one direction.
+    """
     plan = step.gather
-    power, with_offset, _ = ROLES[step.role]
+    _, with_offset, _ = ROLES[step.role]
     derived = _derived(plan)
     add = derived["offset"] if with_offset else None
     noise = None
+    by_source = False
     if step.draws_noise:
-        copy = plan.is_copy
-        units = np.unique(plan.src[copy])
-        std = np.zeros(plan.width)
-        std[units] = _column_std(xp, x3, units)
-        noise = np.where(copy, plan.sigma * std[plan.src], 0.0)
-    return np.asarray(plan.src), _scale(plan, power), add, noise, derived["key"], derived["runs"]
+        if plan.symmetry == "direction":
+            coef = _direction(plan)
+            moved = coef != 0
+            by_source = True
+        else:
+            coef = moved = plan.is_copy
+        units = np.unique(plan.src[moved])
+        size = np.zeros(plan.width)
+        size[units] = _column_std(xp, x3, units, rms=plan.symmetry == "direction")
+        noise = np.where(moved, plan.sigma * coef * size[plan.src], 0.0)
+    return (np.asarray(plan.src), _role_scale(plan, step.role), add, noise, derived["key"], derived["runs"],
+            by_source)
 
 
 def _aligned(a) -> bool:
@@ -565,21 +616,22 @@ def _prepare(job: Job, native, checked: _Checked) -> _Prepared:
         outer, n, inner, _ = _view3(shape, s.axis, s.plan.width, s.channels)
         view, out_view = (outer, n, inner), (outer, s.plan.new_width, inner)
         x = xc.reshape(view)
-        src, scale, add, noise, key, runs = _vectors(s, xp, x)
+        src, scale, add, noise, key, runs, by_source = _vectors(s, xp, x)
         rows = None
     else:
         a, b = sorted(steps, key=lambda t: t.axis)
         outer, na, mid, nb, inner = _view5(shape, a, b)
         view, out_view = (outer, na, mid, nb, inner), (outer, a.plan.new_width, mid, b.plan.new_width, inner)
         x = xc.reshape(view)
-        src, scale, add, noise, key, runs = _vectors(b, xp, x.reshape(outer * na * mid, nb, inner))
-        rsrc, rscale, radd, rnoise, rkey, rruns = _vectors(a, xp, x.reshape(outer, na, mid * nb * inner))
-        rows = Rows(rsrc, rscale, radd, rnoise, rkey, a is steps[0], rruns)
+        src, scale, add, noise, key, runs, by_source = _vectors(b, xp, x.reshape(outer * na * mid, nb, inner))
+        rsrc, rscale, radd, rnoise, rkey, rruns, rby = _vectors(a, xp, x.reshape(outer, na, mid * nb * inner))
+        rows = Rows(rsrc, rscale, radd, rnoise, rkey, a is steps[0], rruns, rby)
     if out_native is not None and _writable_in_place(out_native.array):
         out = out_native.array.reshape(out_view)
     else:
         out = aligned_empty(out_view, arr.dtype) if xp is np else xp.empty(out_view, dtype=arr.dtype)
-    task = Task(x=x, out=out, src=src, scale=scale, add=add, noise=noise, key=key, dtype=dtype, runs=runs, rows=rows)
+    task = Task(x=x, out=out, src=src, scale=scale, add=add, noise=noise, key=key, dtype=dtype, runs=runs, rows=rows,
+                noise_by_source=by_source)
     fixup = None
     if any(s.merging for s in steps):
         if rows is None:
@@ -662,9 +714,9 @@ def _apply(ar: _Arith, y, axis: int, step: _Step):
     val = ar.widen(xp.take(y, xp.asarray(plan.src), axis=axis))
     shape = [1] * 5
     shape[axis] = plan.new_width
-    power, with_offset, _ = ROLES[step.role]
-    if power and not step.merging:
-        val = val * xp.asarray(_scale(plan, power).astype(ar.ct)).reshape(shape)
+    _, with_offset, _ = ROLES[step.role]
+    if _scales(plan, step.role) and not step.merging:
+        val = val * xp.asarray(_role_scale(plan, step.role).astype(ar.ct)).reshape(shape)
     offset = _derived(plan)["offset"]
     if with_offset and offset is not None:
         val = val + xp.asarray(offset.astype(ar.ct)).reshape(shape)

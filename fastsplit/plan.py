@@ -16,7 +16,14 @@ import numpy as np
 
 from ._errors import SplitError
 
-SYMMETRIES = ("none", "nudge", "noise", "asymmetric")
+SYMMETRIES = ("none", "nudge", "noise", "asymmetric", "direction", "fresh")
+
+#: symmetries whose plans draw from the counter-based generator (``sigma`` and ``seed`` are kept)
+DRAWING = ("noise", "direction", "fresh")
+
+#: defaults of :func:`plan`'s ``eps`` and ``sigma`` for the symmetries that use them
+DEFAULT_EPS = {"nudge": 1e-3, "direction": 0.1}
+DEFAULT_SIGMA = {"noise": 0.01, "fresh": 1.0}
 
 _RATIO_SUM_TOL = 1e-6
 
@@ -91,10 +98,10 @@ class AxisPlan:
     :class:`SplitPlan` and :class:`fastsplit.compact.CompactPlan` derive from it.
     A plan says how an axis of ``width`` units becomes ``new_width``: new unit
     ``j`` reads old unit ``src[j]``, scaled by ``ratio[j]**p`` (the role's power),
-    plus ``offset[j]`` for a bias and noise for the extra copies (``is_copy``) of
-    a ``symmetry="noise"`` plan. A plan with merge groups (``merge``, compaction
-    only) also adds twins into representatives; ``gather`` is the same plan
-    without them, the part a gather kernel runs.
+    plus ``offset[j]`` for a bias, and draws of the noise generator on incoming
+    weights for the symmetries in :data:`DRAWING`. A plan with merge groups
+    (``merge``, compaction only) also adds twins into representatives;
+    ``gather`` is the same plan without them, the part a gather kernel runs.
 
     Subclasses provide ``width``, ``src``, ``ratio``, ``offset``, ``symmetry``,
     ``sigma``, ``new_width``, ``is_copy`` and ``noise_key``.
@@ -127,7 +134,9 @@ class SplitPlan(AxisPlan):
     not positive and finite or whose copies of one unit do not sum to 1,
     offsets that are not finite or larger in size than :data:`LARGEST`, an
     unknown symmetry, a sigma that is negative, not finite or not a number,
-    and a seed that is not an integer.
+    and a seed that is not an integer. A ``"fresh"`` plan must give each
+    unit's first copy ratio 1 and its extra copies ratio 0 (the only zero
+    ratios any plan may hold): anything else would not keep the function.
 
     Attributes:
         width: old width ``n``.
@@ -135,10 +144,13 @@ class SplitPlan(AxisPlan):
         ratio: ``float64[m]`` share of the outgoing weights; the ratios of all
             copies of one unit sum to 1.
         offset: ``float64[m]`` bias offset of each new unit (symmetry breaking).
-        symmetry: ``"none"``, ``"nudge"`` or ``"noise"``.
-        sigma: noise scale, relative to the standard deviation of the source
-            unit's incoming weights (``"noise"`` only, else 0).
-        seed: key of the counter-based noise generator (``"noise"`` only).
+        symmetry: one of :data:`SYMMETRIES` (see :func:`plan`).
+        sigma: scale of the generator's draws on the incoming weights: the
+            noise of ``"noise"`` and ``"fresh"`` in standard deviations of the
+            source unit's incoming weights, the ``eps`` of ``"direction"`` in
+            their root mean square; 0 for the other symmetries.
+        seed: key of the counter-based noise generator (the symmetries in
+            :data:`DRAWING` only).
     """
 
     width: int
@@ -171,8 +183,14 @@ class SplitPlan(AxisPlan):
         counts = np.bincount(src, minlength=width)
         if (counts == 0).any():
             raise SplitError(f"unit {int(np.flatnonzero(counts == 0)[0])} has no copy: a split plan never drops units")
-        if not np.all(ratio > 0) or not np.all(np.isfinite(ratio)):
-            raise SplitError(f"ratios must be positive and finite, got {float(ratio[~(ratio > 0) | ~np.isfinite(ratio)][0])!r}")
+        _check_symmetry(self.symmetry)
+        fresh = self.symmetry == "fresh"
+        bad = ~((ratio >= 0) if fresh else (ratio > 0)) | ~np.isfinite(ratio)
+        if bad.any():
+            raise SplitError(f"ratios must be {'non-negative' if fresh else 'positive'} and finite, got "
+                             f"{float(ratio[bad][0])!r}")
+        if fresh:
+            _check_fresh_ratios(src, ratio)
         sums = np.bincount(src, weights=ratio, minlength=width)
         if not np.allclose(sums, 1.0, rtol=0, atol=_RATIO_SUM_TOL):
             u = int(np.argmax(np.abs(sums - 1.0)))
@@ -181,7 +199,6 @@ class SplitPlan(AxisPlan):
         if bad.any():
             raise SplitError(f"offsets must be finite and at most {LARGEST:.3g} in size, got "
                              f"{float(offset[bad][0])!r} for new unit {int(np.flatnonzero(bad)[0])}")
-        _check_symmetry(self.symmetry)
         sigma = _real("sigma", self.sigma, 0.0)
         seed = None if self.seed is None else _integer("seed", self.seed)
         object.__setattr__(self, "width", width)
@@ -206,12 +223,37 @@ class SplitPlan(AxisPlan):
         """``bool[m]``: True for an extra copy, False for the first unit of each source.
 
         The first new unit with a given source is the original (it keeps its
-        place); the noise of ``symmetry="noise"`` goes only to the extra copies.
+        place); the noise of ``"noise"`` and the fresh weights of ``"fresh"``
+        go only to the extra copies.
         """
-        first = np.zeros(self.new_width, dtype=bool)
-        _, idx = np.unique(self.src, return_index=True)
-        first[idx] = True
-        return ~first
+        return _is_copy(self.src)
+
+    @property
+    def direction(self) -> np.ndarray:
+        """``float64[m]``: the coefficient ``c_j`` of each new unit along its source's direction.
+
+        A ``"direction"`` plan moves the incoming weights of copy ``j`` of unit
+        ``u`` by ``c_j * eps * rms(w_u) * g_u``, with one standard normal vector
+        ``g_u`` for all copies of ``u``. Copy number ``c`` (0 for the original,
+        in order of appearance) of the ``k`` copies of a unit starts from the
+        nudge pattern ``p_c = 1 - 2c/(k-1)`` and is centred with the plan's
+        ratios, ``c_j = p_j - sum_i r_i p_i / sum_i r_i`` over the copies of
+        that unit, so that ``sum_j r_j c_j = 0`` for any ratios (equal ratios
+        leave the pattern as it is: ``+1, -1`` for a pair). A unit with one
+        copy gets 0. Defined for every plan; only ``"direction"`` uses it.
+        Cost: O(m) numpy work.
+        """
+        src, ratio = self.src, self.ratio
+        counts = np.bincount(src, minlength=self.width)
+        order = np.argsort(src, kind="stable")
+        starts = np.cumsum(counts) - counts
+        c = np.empty(src.shape[0], dtype=np.float64)
+        c[order] = np.arange(src.shape[0]) - np.repeat(starts, counts)
+        k = counts[src]
+        p = np.where(k > 1, 1.0 - 2.0 * c / np.maximum(k - 1, 1), 0.0)
+        mean = np.bincount(src, weights=ratio * p, minlength=self.width)
+        total = np.bincount(src, weights=ratio, minlength=self.width)
+        return p - (mean / np.where(total > 0, total, 1.0))[src]
 
     @property
     def is_identity(self) -> bool:
@@ -281,6 +323,24 @@ def _check_symmetry(symmetry) -> None:
         raise SplitError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
 
 
+def _is_copy(src: np.ndarray) -> np.ndarray:
+    """True for every new unit but the first with its source."""
+    first = np.zeros(src.shape[0], dtype=bool)
+    _, idx = np.unique(src, return_index=True)
+    first[idx] = True
+    return ~first
+
+
+def _check_fresh_ratios(src: np.ndarray, ratio: np.ndarray) -> None:
+    """A ``"fresh"`` plan keeps each unit's outgoing weights on its first copy (ratio 1), none on the others (0)."""
+    want = np.where(_is_copy(src), 0.0, 1.0)
+    bad = ratio != want
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise SplitError(f"a 'fresh' plan gives each unit's first copy ratio 1 and its fresh copies ratio 0 (zero "
+                         f"outgoing weights keep the function); new unit {j} has ratio {float(ratio[j])!r}")
+
+
 def _indices(width: int, spec, what: str, item: str | None = None) -> np.ndarray:
     """``spec`` (integer indices, a repeated index kept, or a boolean mask of length ``width``) as int64.
 
@@ -320,11 +380,70 @@ def plan(
     copies: int = 2,
     ratios: Sequence[float] | None = None,
     symmetry: str = "nudge",
-    eps: float = 1e-3,
-    sigma: float = 0.01,
+    eps: float | None = None,
+    sigma: float | None = None,
     seed: int | None = None,
 ) -> SplitPlan:
     """Make a :class:`SplitPlan` for a layer of ``width`` units.
+
+    Symmetry breaking (``symmetry``): ``"none"`` makes plain copies (exact).
+    ``"nudge"`` gives copy ``c`` of ``k`` the bias offset ``eps * (1 - 2c/(k-1))``.
+    ``"noise"`` adds Gaussian noise ``sigma * std(column)`` to the extra
+    copies' incoming weights. ``"asymmetric"`` splits the outgoing weights
+    unequally, LEMON-style (exact): copy ``c`` of ``k`` keeps
+    ``(k - c) / (k(k+1)/2)`` of them, ``2/3`` and ``1/3`` for a pair, unless
+    ``ratios`` says otherwise, so the copies' incoming weights get different
+    gradients from the first step. Under Adam none of these lets copies
+    drift apart (their gradients differ only by the factor ``r_j``, which
+    Adam's step ignores), hence the two below.
+
+    ``"direction"`` splits along a direction, as Splitting Steepest Descent
+    does: every copy ``j`` of unit ``u`` (the original included) has its
+    incoming weights moved to ``w_u + c_j * d_u``, with one direction
+    ``d_u = eps * rms(w_u) * g_u`` per unit (``g_u`` standard normal, drawn by
+    the counter-based generator at the flat index of each *source* element,
+    so every copy of ``u`` gets the same ``g_u`` on every backend) and
+    coefficients :attr:`SplitPlan.direction` that satisfy
+    ``sum_j r_j c_j = 0`` for any ratios (``+1, -1`` for a pair). The bias is
+    copied unchanged. Bound: for a pre-activation ``z`` moved by ``c_j * delta``
+    (``delta = x . d_u``), the next layer receives ``sum_j r_j a(z + c_j delta) v_u``
+    where it received ``a(z) v_u``, and by Taylor's theorem
+    ``|sum_j r_j a(z + c_j delta) - a(z)| <= sup|a''| / 2 * delta**2 * sum_j r_j c_j**2``:
+    the function changes at second order in ``eps`` only (halving ``eps``
+    quarters the change; ``sup|a''|`` is 0.77 for tanh). For ReLU the change
+    is exactly zero wherever no copy's pre-activation changes sign, and
+    at most ``sum_j r_j |c_j delta|`` where one does (a band of width
+    ``O(eps)``), so on average it is ``O(eps**2)`` too. Default ``eps = 0.1``:
+    each copy's incoming weights move by about ``|c_j| * eps`` of their norm
+    (a pair: 10 % each way, copies 20 % apart), which Adam then keeps apart.
+
+    ``"fresh"`` adds new units instead of copies (exact): each extra copy's
+    incoming weights are *replaced* by Gaussian draws ``sigma * std(w_u)``
+    (at the copy's own flat indices, as ``"noise"`` draws), its bias is 0
+    and its outgoing weights are 0 (ratio 0; the original keeps ratio 1 and
+    everything it had). Bound: none needed: the next layer receives
+    ``a(z_fresh) * 0`` more, so the function does not change at all (up to
+    the order of a floating-point sum; a fresh unit whose activation is
+    infinite or NaN would give NaN). The fresh units' incoming weights get
+    no gradient until their outgoing weights have moved away from 0.
+    Default ``sigma = 1.0``: fresh units at the scale of the layer's own
+    weights. Optimizer slots: the ratio-power roles give fresh units zero
+    state and leave the originals' as they are (``r = 1``): ``"moment1"``
+    (``m * r``) and ``"moment2"`` (``v * r**2``) on the producing side, so
+    a fresh unit's incoming weights and bias start with no history, and
+    ``"outgoing"`` rows. DESIGN's table carries the consuming side's slots
+    with ``"copy"``, which gives a fresh unit's zero outgoing row the source
+    unit's ``m`` and ``v``: Adam would then move that row along the source's
+    recent steps for about ``1/(1 - beta_1)`` steps, unrelated to what the
+    fresh unit computes. For a ``"fresh"`` plan, carry the consuming side's
+    first moments with ``"moment1"`` instead (zero for fresh units, the same
+    for originals); the second moments may keep ``"copy"`` (the source's
+    scale as Adam's denominator: small first steps) or take ``"moment2"``
+    (zero: larger first steps, about ``lr * (1 - beta_1) / sqrt(1 - beta_2)``).
+    This cannot be decided here: a split sees a role, not a side, and
+    ``"copy"`` also carries state that must stay copied (a BatchNorm's
+    variance). Other ``"copy"`` state (BatchNorm, depthwise kernels) is the
+    source's, which keeps the function since the outgoing weights are zero.
 
     Args:
         width: number of units now.
@@ -334,20 +453,20 @@ def plan(
         copies: each selected unit becomes ``copies`` units (``1`` is a no-op).
         ratios: outgoing shares of the ``copies`` units, positive and summing
             to 1; equal shares by default. With repeated indices the shares
-            are equal.
-        symmetry: ``"none"`` (plain copies, exact), ``"nudge"`` (copy ``c`` of
-            ``k`` gets bias offset ``eps * (1 - 2c/(k-1))``), ``"noise"``
-            (Gaussian noise ``sigma * std(column)`` on the extra copies'
-            incoming weights) or ``"asymmetric"`` (LEMON-style unequal
-            outgoing shares, exact: copy ``c`` of ``k`` keeps ``(k - c) / (k(k+1)/2)``
-            of the outgoing weights, ``2/3`` and ``1/3`` for a pair, unless
-            ``ratios`` says otherwise; the copies' incoming weights then get
-            different gradients from the first step).
-        eps: bias offset of ``"nudge"`` (absolute; :meth:`SplitPlan.scaled`
-            makes it relative to each unit's own scale, as ``fastsplit.keras.widen``
-            does by default).
-        sigma: relative noise of ``"noise"``.
-        seed: noise key; the same seed gives the same noise on every backend.
+            are equal. Not with ``"fresh"``, whose shares are fixed.
+        symmetry: ``"none"``, ``"nudge"`` (default), ``"noise"``,
+            ``"asymmetric"``, ``"direction"`` or ``"fresh"`` (see above).
+        eps: ``"nudge"``'s bias offset (absolute, default ``1e-3``;
+            :meth:`SplitPlan.scaled` makes it relative to each unit's own
+            scale, as ``fastsplit.keras.widen`` does by default), or
+            ``"direction"``'s step, relative to the root mean square of each
+            unit's incoming weights (default ``0.1``, at least 0). Kept in
+            the plan's ``sigma`` for ``"direction"``.
+        sigma: noise of ``"noise"`` (default ``0.01``) and of ``"fresh"``
+            (default ``1.0``), in standard deviations of the source unit's
+            incoming weights.
+        seed: generator key of ``"noise"``, ``"direction"`` and ``"fresh"``
+            (0 when None); the same seed gives the same draws on every backend.
 
     Returns:
         The plan. Cost: O(width + copies) numpy work.
@@ -357,22 +476,28 @@ def plan(
             given: a width or copies that is not an integer of at least 1 (a
             float or a bool included), a seed that is not an integer, an
             unknown symmetry, an eps or sigma that is not a finite real number
-            of size at most :data:`LARGEST` (sigma also non-negative), ratios
-            that are not ``copies`` positive numbers summing to 1, neurons out
+            of size at most :data:`LARGEST` (sigma also non-negative, and eps
+            for ``"direction"``), ratios that are not ``copies`` positive
+            numbers summing to 1 or that come with ``"fresh"``, neurons out
             of range or not integers. Checked whatever the symmetry, so a bad
             value never waits for the plan to be used.
     """
     width = _integer("width", width, 1)
     copies = _integer("copies", copies, 1)
     _check_symmetry(symmetry)
-    eps = _real("eps", eps)
-    sigma = _real("sigma", sigma, 0.0)
+    eps = _real("eps", DEFAULT_EPS.get(symmetry, DEFAULT_EPS["nudge"]) if eps is None else eps)
+    sigma = _real("sigma", DEFAULT_SIGMA.get(symmetry, DEFAULT_SIGMA["noise"]) if sigma is None else sigma, 0.0)
     seed = None if seed is None else _integer("seed", seed)
+    if symmetry == "direction" and eps < 0:
+        raise SplitError(f"eps of symmetry='direction' must be at least 0, got {eps!r}")
     chosen = _neuron_indices(width, neurons)
     extra_per_unit = np.bincount(chosen, minlength=width) * (copies - 1)
     k = 1 + extra_per_unit  # copies of each unit, the original included
 
     if ratios is not None:
+        if symmetry == "fresh":
+            raise SplitError("ratios cannot be given with symmetry='fresh': the original keeps ratio 1 and each "
+                             f"fresh unit 0, got ratios={ratios!r}")
         r = _reals("ratios", ratios).reshape(-1)
         if r.shape != (copies,):
             raise SplitError(f"ratios must have one entry per copy ({copies}), got shape {r.shape}")
@@ -395,18 +520,21 @@ def plan(
         ratio = np.where(kj > 1, r[np.minimum(c, copies - 1)], 1.0)
     elif symmetry == "asymmetric":
         ratio = (kj - c) / (kj * (kj + 1) / 2.0)
+    elif symmetry == "fresh":
+        ratio = np.where(c == 0, 1.0, 0.0)
     else:
         ratio = 1.0 / kj
     offset = np.zeros(src.shape[0])
     if symmetry == "nudge":
         multi = kj > 1
         offset[multi] = eps * (1.0 - 2.0 * c[multi] / (kj[multi] - 1))
+    scale = {"noise": sigma, "fresh": sigma, "direction": eps}.get(symmetry, 0.0)
     return SplitPlan(
         width=width,
         src=src,
         ratio=ratio,
         offset=offset,
         symmetry=symmetry,
-        sigma=sigma if symmetry == "noise" else 0.0,
-        seed=(0 if seed is None else seed) if symmetry == "noise" else None,
+        sigma=scale,
+        seed=(0 if seed is None else seed) if symmetry in DRAWING else None,
     )

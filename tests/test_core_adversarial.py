@@ -415,6 +415,11 @@ BAD_PLANS = [
     (dict(symmetry=["none"]), r"symmetry must be one of .* got \['none'\]"),
     (dict(neurons=[[0], [1, 2]]), r"neurons must be None, integer indices or a boolean mask"),
     (dict(neurons=[0.5]), r"integer"),
+    (dict(eps=-0.1, symmetry="direction"), r"eps of symmetry='direction' must be at least 0, got -0.1"),
+    (dict(eps=INF, symmetry="direction"), r"eps must be finite .* got inf"),
+    (dict(sigma=-1, symmetry="fresh"), r"sigma must be at least 0.0, got -1"),
+    (dict(neurons=[0], ratios=[0.5, 0.5], symmetry="fresh"), r"ratios cannot be given with symmetry='fresh'"),
+    (dict(ratios=[0.0, 1.0], symmetry="direction"), r"ratios must be positive and finite, got \[0.0, 1.0\]"),
 ]
 
 
@@ -441,6 +446,11 @@ BAD_SPLIT_PLANS = [
     (dict(seed="x"), r"seed must be an integer, got 'x'"),
     (dict(seed=2.5), r"seed must be an integer, got 2.5"),
     (dict(symmetry=5), r"symmetry must be one of .* got 5"),
+    (dict(ratio=[1, 0, 1]), r"ratios must be positive and finite, got 0.0"),
+    (dict(ratio=[1, 0.5, 0.5], symmetry="fresh"), r"'fresh' plan gives .* new unit 1 has ratio 0.5"),
+    (dict(ratio=[1, 0, 1], symmetry="fresh"), r"'fresh' plan gives .* new unit 1 has ratio 0.0"),
+    (dict(ratio=[1, 1, -0.0 - 1e-300], symmetry="fresh"), r"ratios must be non-negative and finite"),
+    (dict(ratio=[1, 1, NAN], symmetry="fresh"), r"ratios must be non-negative and finite, got nan"),
 ]
 
 
@@ -550,7 +560,7 @@ def scenarios(draw):
     kind = draw(st.sampled_from(["split", "split", "compact"]))
     if kind == "split":
         neurons = draw(st.lists(st.integers(0, width - 1), max_size=3))
-        symmetry = draw(st.sampled_from(["none", "nudge", "noise", "asymmetric"]))
+        symmetry = draw(st.sampled_from(["none", "nudge", "noise", "asymmetric", "direction", "fresh"]))
         p = plan(width, np.array(neurons, np.int64), copies=draw(st.integers(1, 3)), symmetry=symmetry, eps=0.125,
                  sigma=0.5, seed=draw(st.integers(0, 99)))
     else:
@@ -562,7 +572,7 @@ def scenarios(draw):
                 merge.setdefault(0, []).append(u)
         p = compact_plan(width, remove=[u for u in range(width) if state[u] == 1], merge=merge or None)
     also = None
-    if ndim >= 2 and draw(st.booleans()) and not (kind == "split" and p.symmetry == "noise"):
+    if ndim >= 2 and draw(st.booleans()) and not (kind == "split" and p.symmetry in ("noise", "direction", "fresh")):
         axis2 = draw(st.sampled_from([a for a in range(ndim) if a != axis]))
         w2 = draw(st.integers(1, 3))
         shape[axis2] = w2

@@ -312,6 +312,34 @@ def test_noise_with_tiny_boxes(tiny_config):
     assert ulp_apart(split(x, p, 1, backend="numba"), split(x, p, 1, backend="numpy")).max() <= 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_noise_by_source_is_the_reference_noise(dtype, tiny_config):
+    """Draws at the flat index of the element read (``Task.noise_by_source``, symmetry "direction"), many boxes."""
+    tiny_config(48)
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((7, 97, 5)) * 0.1).astype(as_dtype(dtype))
+    p = mixed_plan(97, symmetry="direction", eps=0.5, seed=4)
+    q = mixed_plan(13, seed=5, symmetry="direction", eps=0.3)
+    rows = plan(7, [0, 6], symmetry="none")
+    small = x[:, :13, :2].copy()
+    jobs = [Job(x, p, 1, "incoming"), Job(x[:, :13, 0], q, 1, "incoming"),
+            Job(small, q, 1, "incoming", also=(rows, 0, "outgoing")),
+            Job(small, rows, 0, "outgoing", also=(q, 1, "incoming")),
+            Job((rng.standard_normal((97, 13, 3)) * 0.1).astype(x.dtype), p, 0, "incoming", also=(q, 1, "incoming"))]
+    for g, w in zip(split_many(jobs, backend="numba"), split_many(jobs, backend="numpy"), strict=True):
+        if dtype == "float64":  # a draw may differ in its last bit (log): allow a few ulps of the draws
+            assert np.all(np.abs(g - w) <= 8 * np.spacing(np.abs(w)) + 1e-15)
+        else:
+            assert ulp_apart(g, w).max() <= 1
+    got = split(x, p, 1, backend="numba")
+    shift = got.astype(np.float64) - x[:, p.src, :].astype(np.float64)
+    c = p.direction
+    for u in np.unique(p.src[c != 0])[:5]:  # every copy of a unit moves along the same draws
+        js = np.flatnonzero((p.src == u) & (c != 0))
+        d = shift[:, js, :] / c[js][None, :, None]
+        np.testing.assert_allclose(d, np.repeat(d[:, :1, :], len(js), axis=1), rtol=2e-2, atol=2e-2 * np.abs(d).max())
+
+
 def test_gauss_wraps_in_uint64():
     keys = [0, _noise.key_from_seed(7), (1 << 64) - 1]
     idxs = [0, 1, (1 << 31) + 3, (1 << 32) + 5, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]

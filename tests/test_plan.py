@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import fastsplit
 from fastsplit import SplitError, SplitPlan, plan
+from fastsplit.plan import SYMMETRIES
 
 
 def test_split_all_is_the_articles_doubling():
@@ -51,6 +52,27 @@ def test_noise_plan_carries_sigma_and_seed():
     p = plan(4, symmetry="noise", sigma=0.05, seed=7)
     assert p.sigma == 0.05 and p.seed == 7
     assert plan(4, symmetry="none").sigma == 0.0
+
+
+@pytest.mark.parametrize("symmetry", SYMMETRIES)
+def test_every_symmetry_keeps_what_it_draws_with(symmetry):
+    p = plan(4, [1, 1, 3], symmetry=symmetry, eps=0.2, sigma=0.3, seed=5)
+    drawing = symmetry in ("noise", "direction", "fresh")
+    assert p.seed == (5 if drawing else None)
+    assert p.sigma == {"noise": 0.3, "fresh": 0.3, "direction": 0.2}.get(symmetry, 0.0)
+    assert bool(np.any(p.offset)) == (symmetry == "nudge")
+    np.testing.assert_allclose(np.bincount(p.src, p.ratio), 1.0)
+
+
+def test_direction_coefficients_and_fresh_shares():
+    d = plan(3, [0, 0, 2], symmetry="direction")
+    np.testing.assert_array_equal(d.src, [0, 1, 2, 0, 0, 2])
+    np.testing.assert_allclose(d.direction, [1, 0, 1, 0, -1, -1])  # 3 copies: +1, 0, -1; a pair: +1, -1
+    a = plan(2, [1], ratios=[0.75, 0.25], symmetry="direction")
+    np.testing.assert_allclose(a.direction, [0, 0.5, -1.5])  # centred with the ratios: 0.75*0.5 = 0.25*1.5
+    f = plan(3, [0, 0, 2], symmetry="fresh")
+    np.testing.assert_array_equal(f.ratio, [1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(f.is_copy, [False] * 3 + [True] * 3)
 
 
 def test_embed_places_the_plan_inside_a_wider_axis():
