@@ -49,6 +49,20 @@ ROLE = {
 }
 
 
+def role(kind: str, side: str, plan) -> str:
+    """The split role of a slot of ``kind`` on ``side`` for ``plan``.
+
+    A ``"fresh"`` unit is new, not a copy: its zero outgoing row starts without the source
+    unit's first moment (``"moment1"`` gives it 0 and leaves the originals, whose share is 1,
+    as they were); the second moment stays the source's, so its first steps are no larger than
+    the source's. Measured on MNIST under Adam: the source's first moment there costs a third of
+    what fresh units gain (issue 12).
+    """
+    if kind == "m1" and side == "consuming" and getattr(plan, "symmetry", None) == "fresh":
+        return "moment1"
+    return ROLE[(kind, side)]
+
+
 def unwrap(optimizer):
     """The optimizers that hold state: ``[outer, inner]`` for a LossScaleOptimizer, else ``[opt]``."""
     if optimizer is None:

@@ -260,7 +260,7 @@ def _entries(graph: Graph, edit: Edit, optimizer: str, opts: list) -> tuple[list
                 fill = _optim.reset_value(_optim.owner_of(opts, slot), slot)
                 entries.append(Entry(slot, None, roles, fill=fill))
             else:
-                sroles = [(a, p, _optim.ROLE[(slot_kind, s.side)], ch)
+                sroles = [(a, p, _optim.role(slot_kind, s.side, p), ch)
                           for (a, p, _r, ch), s in zip(roles, lst, strict=True)]
                 entries.append(Entry(slot, slot, sroles))
     if unknown is not None and entries and optimizer == "carry":

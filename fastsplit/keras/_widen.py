@@ -14,7 +14,7 @@ import numpy as np
 
 from .._errors import SplitError
 from ..compact import CompactPlan
-from ..plan import SplitPlan
+from ..plan import SYMMETRIES, SplitPlan
 from ..plan import plan as make_plan
 from ._errors import GrowthError
 from ._event import GrowthEvent
@@ -24,7 +24,6 @@ from ._units import GroupRef, evaluate
 
 #: the default size of a ``"nudge"``, relative to each unit's own scale
 NUDGE = 1e-3
-SYMMETRIES = ("nudge", "noise", "asymmetric", "none")
 
 
 def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nudge: float = NUDGE,
@@ -41,10 +40,11 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
             plain name or its path (``"block/dense"`` inside a nested model);
             naming one member of a coupled group (``coupled_groups``) splits
             the whole group.
-        symmetry: ``"nudge"`` (default), ``"noise"``, ``"asymmetric"`` or
-            ``"none"`` for plans made here from indices (a SplitPlan keeps its
-            own); see :func:`fastsplit.plan`.
-        eps: an absolute ``"nudge"`` bias offset. By default (None) the offset
+        symmetry: ``"nudge"`` (default), ``"noise"``, ``"asymmetric"``,
+            ``"direction"``, ``"fresh"`` or ``"none"`` for plans made here from
+            indices (a SplitPlan keeps its own); see :func:`fastsplit.plan`.
+        eps: ``"direction"``'s step relative to each unit's incoming weights
+            (default 0.1), or an absolute ``"nudge"`` bias offset. By default (None) the offset
             of each unit is ``nudge`` times the unit's own scale: the norm of
             its incoming weights (the spread of its pre-activation for inputs
             of unit variance) or, when the offset goes to a normaliser's
@@ -92,7 +92,8 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
                               "fastsplit.keras.prune to apply it")
         if spec is None or not isinstance(spec, SplitPlan):
             try:
-                spec = make_plan(grp.width, spec, symmetry=symmetry, eps=nudge if eps is None else eps)
+                step = (nudge if eps is None else eps) if symmetry == "nudge" else eps
+                spec = make_plan(grp.width, spec, symmetry=symmetry, eps=step)
             except SplitError as exc:
                 raise SplitError(f"the plan for {path!r}: {exc}") from None
             if eps is None and symmetry == "nudge":
@@ -120,7 +121,7 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
         p = chosen.get(graph.find(g))
         if p is not None and np.any(p.offset != 0):
             warnings.warn(f"{why}: symmetry='nudge' cannot separate the copies of {named[graph.find(g)]!r}; use "
-                          "symmetry='noise'", RuntimeWarning, stacklevel=2)
+                          "symmetry='direction'", RuntimeWarning, stacklevel=2)
 
     edit = Edit("split", chosen, symmetry, neurons=lambda p: np.unique(p.src[p.is_copy]).tolist())
     return apply(model, graph, edit, optimizer=optimizer, backend=backend, t0=t0, times=times)
