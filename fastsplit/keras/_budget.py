@@ -12,7 +12,7 @@ import numpy as np
 from . import _select
 from ._args import check_int
 from ._errors import GrowthError
-from ._layers import coupled_producers, graph_groups, model_at_widths, producer_widths, width_of
+from ._layers import width_of
 
 
 def check_max_units(max_units):
@@ -45,25 +45,34 @@ def ranks_units(rule, max_units, max_params) -> bool:
     return _select.needs_scores(rule) or max_units is not None or max_params is not None
 
 
-def unit_costs(model, names, groups=None) -> dict:
+def unit_costs(model, names) -> dict:
     """Parameters one more unit adds, per layer name (incoming column, bias, per-unit state, outgoing
-    rows; for a coupled group, those of every producer of the group).
+    rows; for a coupled group, those of every producer of the group), read off the graph: every weight
+    the split of one unit would grow, by the shape the split gives it (a Flatten's positions, a
+    depthwise multiplier and a Reshape's regrouping included).
 
-    Cost: one graph walk unless ``groups`` is given, and one model build per layer.
+    Cost: one graph walk; no model is built and no weight is read.
     """
-    groups = graph_groups(model) if groups is None else groups
-    named = set(names)
-    widths = {layer.name: width_of(layer) for layer in model.layers if layer.name in named}
-    widths.update({p: w for p, w in producer_widths(groups).items() if p not in widths})
-    coupled = coupled_producers(groups)
-    base = model_at_widths(model, widths, coupled).count_params()
+    from ..plan import plan as make_plan
+    from ._graph import Graph
+    from ._surgery import lookup
+    from ._units import evaluate, new_length
+
+    graph = Graph(model)
+    groups = graph.groups()
     out = {}
     for name in names:
-        w = dict(widths)
-        for mate in coupled.get(name, [name]):  # one more unit of a coupled group widens all its producers
-            if mate in w:
-                w[mate] += 1
-        out[name] = max(1, model_at_widths(model, w, coupled).count_params() - base)
+        _path, grp = lookup(graph, groups, name)
+        plans = {grp.gid: make_plan(grp.width, [0], symmetry="none")}
+        shapes: dict = {}
+        for use in graph.uses:
+            p = evaluate(use.ref, plans, graph.find)
+            if p is None:
+                continue
+            shape = shapes.setdefault(id(use.var), [list(use.var.shape), list(use.var.shape)])[1]
+            axis = use.axis % len(shape)
+            shape[axis] = new_length(int(use.var.shape[axis]), p)
+        out[name] = max(1, sum(int(np.prod(new)) - int(np.prod(old)) for old, new in shapes.values()))
     return out
 
 

@@ -182,11 +182,14 @@ class GrowthCallback(PlateauMonitor):
 
     def _snapshot_best(self, epoch):
         self.best_weights = self.model.get_weights()
-        self._best_widths = self.widths()
+        try:  # the architecture at the best epoch, for a replay of the growth since (``_replay``)
+            self._best_config = self.model.get_config()
+        except NotImplementedError as exc:
+            self._best_config = exc
         self._best_at_event = len(self._plans)
 
     def _restore_best(self):
-        restore_best(self.model, self.best_weights, self._best_widths, self._plans[self._best_at_event :],
+        restore_best(self.model, self.best_weights, self._best_config, self._plans[self._best_at_event :],
                      self._dead_data(), type(self).__name__)  # fmt: skip
 
     #: what the callback could not do in a fit whose logs never held ``monitor`` (None: it needs no monitor)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..compact import CompactPlan
 from ..plan import SplitPlan
-from ._layers import model_at_widths
+from ._errors import GrowthError
 
 
 def exact(p: SplitPlan) -> SplitPlan:
@@ -29,8 +29,25 @@ def is_prune(plans) -> bool:
     return any(isinstance(p, CompactPlan) for p in plans.values())
 
 
-def replay(model, weights, widths, events, data):
-    """``model``'s architecture at ``widths`` holding ``weights``, after the event plans ``events`` are replayed.
+def rebuild(model, config):
+    """A fresh model of ``model``'s class from ``config`` (its ``get_config()`` at the best epoch).
+
+    The config taken then holds every width-dependent entry as it was (units, filters, a Reshape's
+    target shape, GroupNormalization's groups, nested models, a user's layer's own widths), which
+    rewriting only ``units``/``filters`` of today's config could not.
+    """
+    import copy
+
+    import keras
+
+    cfg = copy.deepcopy(config)
+    cfg.pop("fastsplit_history", None)
+    base = keras.Sequential if isinstance(model, keras.Sequential) else keras.Model
+    return base.from_config(cfg)
+
+
+def replay(model, weights, config, events, data):
+    """``model`` as it was when ``config`` was taken, holding ``weights``, after the event plans ``events``.
 
     ``data`` is what prunes fold the removed units' values on. Returns the model and the
     ``RuntimeWarning``s of prunes whose units were not dead (their fold is approximate).
@@ -38,7 +55,7 @@ def replay(model, weights, widths, events, data):
     """
     from . import prune, widen
 
-    shadow = model_at_widths(model, widths)
+    shadow = rebuild(model, config)
     shadow.set_weights(weights)
     inexact = []
     for plans in events:
@@ -54,8 +71,8 @@ def replay(model, weights, widths, events, data):
     return shadow, inexact
 
 
-def restore_best(model, weights, widths, events, data, who: str):
-    """Put the best epoch's ``weights`` (taken at ``widths``) into ``model``, replaying the ``events`` since.
+def restore_best(model, weights, config, events, data, who: str):
+    """Put the best epoch's ``weights`` (taken with ``config``) into ``model``, replaying the ``events`` since.
 
     ``who`` names the callback in the warning. Cost: ``set_weights`` alone when nothing
     happened since the best epoch; else :func:`replay`.
@@ -63,7 +80,10 @@ def restore_best(model, weights, widths, events, data, who: str):
     if not events:
         model.set_weights(weights)
         return
-    shadow, inexact = replay(model, weights, widths, events, data)
+    if isinstance(config, Exception):
+        raise GrowthError(f"{who}: restoring the best weights across growth rebuilds the model from its config "
+                          f"at the best epoch, which it does not give ({config})") from config
+    shadow, inexact = replay(model, weights, config, events, data)
     model.set_weights(shadow.get_weights())
     if inexact:
         warnings.warn(

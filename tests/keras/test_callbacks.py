@@ -459,3 +459,46 @@ def test_producers_the_callbacks_cannot_rank_are_left_to_widen():
     grow = SplitEvery(epochs=1, verbose=0)
     model.fit(x, y, epochs=1, verbose=0, callbacks=[grow])
     assert [list(e.layers) for e in grow.events] == [["d"]]
+
+
+# ------------------------------------------------------------- layers whose config holds the width
+
+
+def _reshaped_model():
+    """The hidden units go through a Reshape whose target_shape names their count (rebuilt from today's
+    config with only units changed, the best epoch's architecture could not be built)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((N_IN,))
+    h = keras.layers.Dense(4, activation="relu", name="hidden")(inp)
+    h = keras.layers.Reshape((4, 1))(h)
+    out = keras.layers.Dense(N_OUT, activation="softmax", name="out")(keras.layers.Flatten()(h))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_restore_best_weights_after_growth_through_a_reshape():
+    x, _ = data()
+
+    class Keep(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.pred = self.model.predict(x, verbose=0)
+
+    keep = Keep()
+    cb = SplitOnPlateau(max_units=16, restore_best_weights=True, verbose=0)
+    model = _reshaped_model()
+    fit(model, [Script([0.5, 0.9, 0.9, 0.9, 0.9, 0.9]), keep, cb], epochs=6)
+    assert cb.event_epochs == [2, 3] and cb.best_epoch == 1
+    assert _hidden(model).kernel.shape[-1] == 16
+    np.testing.assert_allclose(model.predict(x, verbose=0), keep.pred, rtol=1e-5, atol=1e-6)
+
+
+def test_max_params_prices_units_through_a_reshape():
+    model = _reshaped_model()
+    cost = (N_IN + 1) + N_OUT  # incoming column, bias and outgoing row; the Reshape holds no weights
+    limit = model.count_params() + 4 * cost
+    cb = SplitOnPlateau(max_params=limit, verbose=0)
+    h = fit(model, [Script([0.5] * 6), cb], epochs=6)
+    assert max(h.history["params"]) <= limit
+    assert widths(h)[-1] == 8  # 4 -> 8: the budget allows exactly four more units
