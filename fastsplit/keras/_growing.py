@@ -57,9 +57,9 @@ class GrowthCallback(PlateauMonitor):
         self.score = score
         self.symmetry = check_choice("symmetry", symmetry, SYMMETRIES)
         self.eps = check_real("eps", eps, low=0, optional=True)
-        if self.eps is not None and symmetry != "nudge":
-            # the other symmetries would ignore it: a user who meant it as a noise scale would never know
-            raise GrowthError(f"eps is the bias offset of symmetry='nudge'; got eps={eps!r} with symmetry={symmetry!r}")
+        if self.eps is not None and symmetry not in ("nudge", "direction"):
+            raise GrowthError(f"eps is the bias offset of symmetry='nudge' or the step of 'direction'; got eps={eps!r} "
+                              f"with symmetry={symmetry!r}")
         self.max_units = _budget.check_max_units(max_units)
         self.max_params = _budget.check_max_params(max_params)
         self.stop_when_grown = check_bool("stop_when_grown", stop_when_grown)
@@ -271,7 +271,7 @@ class GrowthCallback(PlateauMonitor):
         before = self.widths()
         params_before = self.model.count_params()
         seed = None if self.seed is None else int(self.seed) + len(self._plans)
-        eps = 0.0 if self.eps is None else self.eps
+        eps = self.eps  # None: each symmetry's own default
         plans = {
             name: make_plan(before[name], idx, symmetry=self.symmetry, eps=eps, seed=seed)
             for name, idx in chosen.items()

@@ -20,7 +20,11 @@ from ._errors import GrowthError
 
 
 def exact(p: SplitPlan) -> SplitPlan:
-    """The same copies and shares without symmetry breaking (reproduces a function exactly)."""
+    """The same copies and shares without symmetry breaking (reproduces a function exactly).
+
+    A ``"fresh"`` plan is kept: its new units' outgoing weights are zero, so it is exact already."""
+    if p.symmetry == "fresh":
+        return p
     return SplitPlan(width=p.width, src=p.src, ratio=p.ratio, offset=np.zeros_like(p.offset), symmetry="none")
 
 

@@ -58,3 +58,27 @@ def test_direction_halving_eps_quarters_the_change():
         fk.widen(model, {"h": None}, symmetry="direction", eps=eps, backend="numpy")
         changes.append(float(np.abs(predict(model, x) - before).mean()))
     assert 2.5 < changes[0] / changes[1] < 6
+
+
+@pytest.mark.parametrize("symmetry", ["fresh", "direction"])
+def test_the_callbacks_grow_with_the_symmetries_for_adam_and_restore_across_them(symmetry):
+    from fastsplit.keras import SplitEvery
+
+    model, x, y = _trained()
+
+    class Keep(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                self.pred = self.model.predict(x, verbose=0)
+
+    class Best(keras.callbacks.Callback):  # epoch 0 is the best: the growth after it is replayed
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_loss"] = 0.0 if epoch == 0 else 1.0
+
+    keep = Keep()
+    cb = SplitEvery(1, symmetry=symmetry, eps=0.1 if symmetry == "direction" else None, restore_best_weights=True,
+                    monitor="val_loss", verbose=0)
+    model.fit(x, y, validation_data=(x, y), epochs=3, batch_size=16, verbose=0, callbacks=[keep, Best(), cb])
+    assert model.get_layer("h").units > 4
+    assert {e.symmetry for e in fk.history(model)} == {symmetry}
+    np.testing.assert_allclose(predict(model, x), keep.pred, rtol=1e-4, atol=1e-5)
