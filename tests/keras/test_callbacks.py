@@ -19,31 +19,11 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from fitting import N_IN, N_OUT, Counter, Keep, data, fit, make_model  # noqa: E402,F401 - SCRIPT imports two
+
 from fastsplit.keras import _scores, _select  # noqa: E402
 from fastsplit.keras.split_every import SplitEvery  # noqa: E402
 from fastsplit.keras.split_on_plateau import SplitOnPlateau  # noqa: E402
-
-N_IN, N_OUT = 6, 3
-
-
-def data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, N_IN)).astype("float32")
-    y = (np.argmax(x[:, :N_OUT], axis=1)).astype("int64")
-    return x, y
-
-
-def make_model(units=2, seed=0, optimizer="adam"):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((N_IN,)),
-            keras.layers.Dense(units, activation="relu", name="hidden"),
-            keras.layers.Dense(N_OUT, activation="softmax", name="out"),
-        ]
-    )
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
 
 
 class Script(keras.callbacks.Callback):
@@ -55,20 +35,6 @@ class Script(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs[self.key] = self.values[epoch]
-
-
-class Counter(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.batches = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-
-
-def fit(model, callbacks, epochs, **kw):
-    x, y = data()
-    return model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=32, callbacks=callbacks, verbose=0, **kw)
 
 
 def widths(history):
@@ -479,13 +445,7 @@ def _reshaped_model():
 
 def test_restore_best_weights_after_growth_through_a_reshape():
     x, _ = data()
-
-    class Keep(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
-                self.pred = self.model.predict(x, verbose=0)
-
-    keep = Keep()
+    keep = Keep(1)
     cb = SplitOnPlateau(max_units=16, restore_best_weights=True, verbose=0)
     model = _reshaped_model()
     fit(model, [Script([0.5, 0.9, 0.9, 0.9, 0.9, 0.9]), keep, cb], epochs=6)

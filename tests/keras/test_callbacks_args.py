@@ -23,28 +23,10 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from fitting import N_IN, N_OUT, Counter, data, fit, make_model  # noqa: E402
+
 import fastsplit.keras as fk  # noqa: E402
 from fastsplit.keras import GrowthError, SplitEvery, SplitOnPlateau  # noqa: E402
-
-N_IN, N_OUT = 6, 3
-
-
-def data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, N_IN)).astype("float32")
-    y = np.argmax(x[:, :N_OUT], axis=1).astype("int64")
-    return x, y
-
-
-def make_model(units=2, seed=0):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input((N_IN,)),
-        keras.layers.Dense(units, activation="relu", name="hidden"),
-        keras.layers.Dense(N_OUT, activation="softmax", name="out"),
-    ])  # fmt: skip
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
 
 
 class ScriptVal(keras.callbacks.Callback):
@@ -57,21 +39,6 @@ class ScriptVal(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if "val_loss" in logs:
             logs["val_accuracy"] = self.values[epoch]
-
-
-class Counter(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.batches = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-
-
-def fit(model, callbacks, epochs, **kw):
-    x, y = data()
-    kw.setdefault("validation_data", (x, y))
-    return model.fit(x, y, epochs=epochs, batch_size=32, callbacks=callbacks, verbose=0, **kw)
 
 
 def units(history):

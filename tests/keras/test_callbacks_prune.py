@@ -14,28 +14,16 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from fitting import N_IN, data  # noqa: E402
+from fitting import make_model as plain_model  # noqa: E402
+
 from fastsplit.keras import dead_units  # noqa: E402
 from fastsplit.keras.split_every import SplitEvery  # noqa: E402
 from fastsplit.keras.split_on_plateau import SplitOnPlateau  # noqa: E402
 
-N_IN, N_OUT = 6, 3
-
-
-def data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, N_IN)).astype("float32")
-    y = np.argmax(x[:, :N_OUT], axis=1).astype("int64")
-    return x, y
-
 
 def make_model(units=6, dead=(1, 4), seed=0):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input((N_IN,)),
-        keras.layers.Dense(units, activation="relu", name="hidden"),
-        keras.layers.Dense(N_OUT, activation="softmax", name="out"),
-    ])  # fmt: skip
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = plain_model(units, seed)
     hidden = model.get_layer("hidden")
     k = keras.ops.convert_to_numpy(hidden.kernel).copy()
     b = keras.ops.convert_to_numpy(hidden.bias).copy()
