@@ -320,13 +320,7 @@ def test_training_goes_on_after_growth_and_loss_is_kept():
 
 def test_restore_best_weights_after_growth():
     x, y = data()
-
-    class Keep(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
-                self.pred = self.model.predict(x, verbose=0)
-
-    keep = Keep()
+    keep = Keep(1)
     # best at epoch 1, then growth at 2 and 3, capped at 8, stop at 4: restore epoch 1's function
     cb = SplitOnPlateau(max_units=8, restore_best_weights=True, verbose=0)
     model = make_model(2)

@@ -23,7 +23,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from fitting import N_IN, N_OUT, Counter, data, fit, make_model  # noqa: E402
+from fitting import N_IN, N_OUT, Counter, Keep, data, fit, make_model  # noqa: E402
 
 import fastsplit.keras as fk  # noqa: E402
 from fastsplit.keras import GrowthError, SplitEvery, SplitOnPlateau  # noqa: E402
@@ -215,13 +215,7 @@ def test_validation_freq_as_a_list():
 
 def test_split_every_restore_best_weights_with_validation_freq():
     x, _ = data()
-
-    class Keep(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
-                self.pred = self.model.predict(x, verbose=0)
-
-    keep = Keep()
+    keep = Keep(1)
     model = make_model()
     # on main the callback stopped fit at epoch 0, which has no val_accuracy
     cb = SplitEvery(epochs=1, max_units=4, restore_best_weights=True, verbose=0)
