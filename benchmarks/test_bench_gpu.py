@@ -9,7 +9,13 @@ Each case is timed for four implementations:
   (host layout + one small upload + one launch per dtype);
 - ``kernel``: the same launches with the layout prepared beforehand (kernel time);
 - ``copy``: one ``cudaMemcpy`` device to device of the output's bytes (the roofline);
-- ``take``: ``cupy.take`` along the unit axis, one call per tensor, no scaling.
+- ``take``: ``cupy.take`` along the unit axis, one call per tensor, no scaling;
+- ``index_select``: ``torch.index_select`` on the same buffers (DLPack, no copy), one call per tensor;
+- ``jnp_take``: a jitted ``jnp.take`` on the same buffers (DLPack), one call per tensor; JAX runs on
+  its own streams, so its rounds end with ``block_until_ready`` inside the timed region.
+
+The framework gathers neither scale nor add: they do less work than a split, so being ahead of
+them is the bar. Without PyTorch or JAX their cases are skipped.
 
 GPU time is measured with CUDA events around each round after synchronising,
 warm-up rounds first; ``extra_info`` records the median GPU time and the
@@ -35,7 +41,7 @@ if not _ok:
 
 pytestmark = pytest.mark.gpu
 
-IMPLS = ["fastsplit", "kernel", "copy", "take"]
+IMPLS = ["fastsplit", "kernel", "copy", "take", "index_select", "jnp_take"]
 POWER = {"incoming": 0, "outgoing": 1, "copy": 0, "moment1": 1, "moment2": 2, "bias": 0}
 
 
@@ -104,6 +110,11 @@ def case_big(dtype):
     return [_task(_plan(8192, 12288), fan, 1, "incoming", dtype)]
 
 
+def case_batched_big(dtype):
+    """A growth event of three 4096-wide layers to 6144 with Adam slots: 18 tensors, over 1 GB read."""
+    return case_batched(dtype, layers=3, width=4096, new_width=6144)
+
+
 CASES = {
     "dense-4096x4096-to-6144-incoming": case_dense_incoming,
     "dense-4096x4096-to-6144-outgoing": case_dense_outgoing,
@@ -112,6 +123,7 @@ CASES = {
     "flatten-7x7x512x1024-to-768-outgoing": case_flatten_outgoing,
     "batched-108-tensors-42M-params": case_batched,
     "big-256MiB": case_big,
+    "batched-18-tensors-1GB": case_batched_big,
 }
 
 
@@ -168,7 +180,33 @@ def _impl(name, tasks):
                 cupy.take(t.x, idx, axis=1, out=t.out)
 
         return take
+    if name == "index_select":
+        torch = pytest.importorskip("torch")
+        views = [(torch.from_dlpack(_signed(t.x)), torch.from_dlpack(_signed(t.out)),
+                  torch.as_tensor(t.src, device=f"cuda:{t.x.device.id}")) for t in tasks]
+
+        def index_select():
+            for x, out, idx in views:
+                torch.index_select(x, 1, idx, out=out)
+
+        return index_select
+    if name == "jnp_take":
+        jax = pytest.importorskip("jax")
+        jnp = jax.numpy
+        take = jax.jit(lambda a, i: jnp.take(a, i, axis=1))
+        views = [(jax.dlpack.from_dlpack(t.x), jnp.asarray(t.src)) for t in tasks]
+
+        def jnp_take():
+            outs = [take(x, idx) for x, idx in views]
+            jax.block_until_ready(outs)
+
+        return jnp_take
     raise ValueError(name)
+
+
+def _signed(a):
+    """PyTorch has no uint16 index_select: bfloat16 storage is viewed as int16 (the same bits)."""
+    return a.view(cupy.int16) if a.dtype == cupy.uint16 else a
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1089,6 +1089,66 @@ class TestGPU:
         np.testing.assert_array_equal(got[:, :300], want[:, :300])  # old units: no noise
         assert_noise_close(got, want, dtype)
 
+    @pytest.mark.parametrize("symmetry", ["none", "nudge", "noise", "asymmetric", "direction", "fresh"])
+    @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+    def test_every_symmetry_and_role_gives_the_cpu_result(self, symmetry, dtype):
+        """The GPU split of every symmetry equals the numpy reference: exactly, and draws within an ulp."""
+        import fastsplit
+
+        cp = self.cp
+        rng = np.random.default_rng(13)
+        width = 203
+        src = rng.choice(width, 90, replace=False)
+        p = fastsplit.plan(width, src, symmetry=symmetry, seed=21)
+        for shape, axis, role in [((129, width), 1, "incoming"), ((width, 65), 0, "outgoing"), ((width,), 0, "bias"),
+                                  ((3, 3, 17, width), 3, "moment1"), ((width, 33), 0, "moment2"),
+                                  ((width, 9), 0, "copy")]:
+            x = rng.standard_normal(shape).astype(dtype)
+            if role == "moment2":
+                x = np.abs(x)
+            got = cp.asnumpy(fastsplit.split(cp.asarray(x), p, axis, role=role, backend="cupy"))
+            want = fastsplit.split(x, p, axis, role=role, backend="numpy")
+            if symmetry in ("noise", "direction", "fresh"):  # the draws: within an ulp; the rest exactly
+                assert_noise_close(got, want, dtype)
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=f"{symmetry} {role}")
+
+    def test_torch_and_jax_gpu_tensors_in_and_out(self):
+        """Framework tensors on the GPU go in and come out through DLPack, on the GPU, with the reference values."""
+        import fastsplit
+
+        rng = np.random.default_rng(14)
+        p = fastsplit.plan(64, rng.integers(0, 64, 30), symmetry="nudge", seed=1)
+        x = rng.standard_normal((48, 64)).astype(np.float32)
+        want = fastsplit.split(x, p, 1, role="incoming", backend="numpy")
+        tried = 0
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is not None and torch.cuda.is_available():
+            tried += 1
+            got = fastsplit.split(torch.from_numpy(x).cuda(), p, 1, role="incoming")
+            assert isinstance(got, torch.Tensor) and got.is_cuda
+            np.testing.assert_array_equal(got.cpu().numpy(), want)
+            b16 = torch.from_numpy(x).cuda().to(torch.bfloat16)
+            got = fastsplit.split(b16, p, 1, role="incoming")
+            assert got.dtype == torch.bfloat16 and got.is_cuda
+            ref = fastsplit.split(b16.float().cpu().numpy().astype(as_dtype("bfloat16")), p, 1, role="incoming",
+                                  backend="numpy")
+            np.testing.assert_array_equal(got.view(torch.int16).cpu().numpy().view(np.uint16), ref.view(np.uint16))
+        try:
+            import jax
+        except ImportError:
+            jax = None
+        if jax is not None and jax.default_backend() == "gpu":
+            tried += 1
+            got = fastsplit.split(jax.numpy.asarray(x), p, 1, role="incoming")
+            assert list(got.devices())[0].platform == "gpu"
+            np.testing.assert_array_equal(np.asarray(got), want)
+        if not tried:
+            pytest.skip("neither PyTorch nor JAX sees the GPU")
+
     @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
     def test_two_axis_jobs_through_the_public_api(self, dtype):
         """Dense, Conv and Flatten kernels split on both axes in one launch, against the numpy reference."""
