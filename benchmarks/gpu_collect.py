@@ -67,12 +67,18 @@ def main(outdir: Path) -> dict:
         path = outdir / f"growth_event_{backend}.json"
         if path.is_file():
             summary[f"growth_{backend}"] = json.loads(path.read_text())
+    tune = outdir / "gpu_tune.json"
+    if tune.is_file():
+        t = json.loads(tune.read_text())
+        summary["tune"] = {"best": t["best"], "score": t["score"]}
     summary["ncu"] = _ncu(_read(outdir / "ncu_metrics.log"))
     summary["tests"] = {name: _tests(_read(outdir / f"{name}.log")) for name in ("tests_gpu", "keras_jax", "keras_torch")}
     (outdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print("\n".join(summary["gpu"] + summary["stages"]))
     for k, v in summary["tests"].items():
         print(f"{k}: {v}")
+    if "tune" in summary:
+        print("tuning", summary["tune"])
     if "bench" in summary:
         print(gpu_summary.table(summary["bench"]))
     for backend in ("jax", "torch"):

@@ -3,15 +3,18 @@
 # kernel and the growth events on a quiet GPU, profile the kernel with ncu, then run the GPU tests;
 # logs and one summary.json (benchmarks/gpu_collect.py) go to OUTDIR.
 #
-#   benchmarks/gpu_run.sh OUTDIR              # every stage, about 6 minutes on an H100
-#   STAGES="tests keras" benchmarks/gpu_run.sh OUTDIR   # only some: bench growth ncu tests keras
+#   benchmarks/gpu_run.sh OUTDIR              # every stage, about 5 minutes on an H100
+#   STAGES="tests keras" benchmarks/gpu_run.sh OUTDIR   # only some: tune bench growth ncu tests keras
+#
+# "tune" sweeps the kernel's tuning constants (benchmarks/gpu_tune.py); the stages after it run with
+# the best setting it found (FASTSPLIT_CUDA_TUNING), unless that variable is set already.
 #
 # Wheels (keras, namex, optree: what the machine's image lacks) are taken from .whl/ when present;
 # CuPy, Numba, JAX, PyTorch, pytest-benchmark and hypothesis are expected on the machine. Each stage
 # has a time limit, so a hung stage costs its limit, not the lease.
 set -uo pipefail
 OUTDIR=${1:?usage: benchmarks/gpu_run.sh OUTDIR}
-STAGES=${STAGES:-bench growth ncu tests keras}
+STAGES=${STAGES:-tune bench growth ncu tests keras}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
@@ -42,6 +45,12 @@ $PY -m pip list 2>/dev/null | grep -iE "^(cupy|numba|numpy|jax|jaxlib|torch|kera
 cat "$OUTDIR/gpu.csv" "$OUTDIR/backends.json"
 
 # -- timings first, on a quiet GPU ----------------------------------------------------------------
+if want tune; then
+    stage tune 150 $PY benchmarks/gpu_tune.py --out "$OUTDIR"
+    best=$(sed -n 's/^best //p' "$OUTDIR/tune.log")
+    if [ -z "${FASTSPLIT_CUDA_TUNING:-}" ] && [ -n "$best" ]; then export FASTSPLIT_CUDA_TUNING=$best; fi
+    echo "tuning: ${FASTSPLIT_CUDA_TUNING:-defaults}" | tee -a "$OUTDIR/stages.txt"
+fi
 if want bench; then
     stage bench 240 $PY -m pytest benchmarks/test_bench_gpu.py --benchmark-only -q -p no:cacheprovider \
         --benchmark-json "$OUTDIR/bench_gpu.json"

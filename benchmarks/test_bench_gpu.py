@@ -26,6 +26,7 @@ input + output bytes for a split (each input read once, each output written once
 
 from __future__ import annotations
 
+import _tuning  # benchmarks/ is on sys.path: pytest and the gpu_* scripts put it there
 import numpy as np
 import pytest
 
@@ -40,6 +41,7 @@ if not _ok:
     pytest.skip(f"the GPU benchmarks need a usable CUDA GPU: {_why}", allow_module_level=True)
 
 pytestmark = pytest.mark.gpu
+TUNING = _tuning.apply_env()
 
 IMPLS = ["fastsplit", "kernel", "copy", "take", "index_select", "jnp_take"]
 POWER = {"incoming": 0, "outgoing": 1, "copy": 0, "moment1": 1, "moment2": 2, "bias": 0}
@@ -151,6 +153,7 @@ def _timed(benchmark, fn, nbytes, rounds):
         "gpu_ms_median": ms,
         "GB/s": nbytes / (ms * 1e-3) / 1e9,
         "device": cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode(),
+        "tuning": TUNING or "defaults",
     })
     return ms
 

@@ -37,5 +37,9 @@ CUDA_THREADS_PER_BLOCK = 256
 #: CUDA_THREADS_PER_BLOCK * CUDA_VECTORS_PER_THREAD * 16 bytes of output.
 CUDA_VECTORS_PER_THREAD = 4
 
+#: CUDA: blocks of the split kernel each SM must be able to hold at once; the compiler
+#: caps the registers per thread to allow it (``__launch_bounds__``). 1 leaves them free.
+CUDA_MIN_BLOCKS_PER_SM = 1
+
 #: CUDA: most blocks in one launch; past it the blocks walk the tiles grid-stride.
 CUDA_MAX_BLOCKS = 1 << 24

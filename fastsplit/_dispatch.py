@@ -49,16 +49,21 @@ def backends() -> dict[str, tuple[bool, str]]:
     return {name: _probe(name) for name in BACKENDS}
 
 
+def chosen(backend: str, device: tuple) -> str:
+    """The name of the backend that ``backend`` (``"auto"`` or a name) picks for arrays on ``device``."""
+    if backend != "auto":
+        return backend
+    if device[0] == "cuda":
+        return "cupy"
+    return "numba" if _numba_ok() else "numpy"
+
+
 def resolve(backend: str, device: tuple):
     """The backend module that will run jobs on ``device``."""
     if backend not in ("auto",) + BACKENDS:
         raise SplitError(f"backend must be 'auto', 'numpy', 'numba' or 'cupy', got {backend!r}")
     on_gpu = device[0] == "cuda"
-    if backend == "auto":
-        if on_gpu:
-            backend = "cupy"
-        else:
-            backend = "numba" if _numba_ok() else "numpy"
+    backend = chosen(backend, device)
     if on_gpu and backend != "cupy":
         raise SplitError(f"backend {backend!r} runs on the CPU, but the arrays are in CUDA memory; use 'cupy' or 'auto'")
     if not on_gpu and backend == "cupy":

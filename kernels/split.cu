@@ -43,7 +43,8 @@
 // No #include: NVRTC compiles this file as it is. Half and bfloat16 travel as
 // 16-bit integers (PTX cvt for half, round-to-nearest-even by hand for bfloat16).
 // Compiled by nvcc (the CMake fatbin, or `nvcc -c` for a resource report) it also
-// defines extern "C" kernels fastsplit_split_<dtype> and fastsplit_split2_<dtype>;
+// defines extern "C" kernels fastsplit_split_<dtype> and fastsplit_split2_<dtype>, and their
+// instances without the draws, fastsplit_split_exact_<dtype> and fastsplit_split2_exact_<dtype>;
 // NVRTC (__CUDACC_RTC__) compiles only the template instance it is asked for,
 // unless FASTSPLIT_INSTANTIATE.
 
@@ -52,6 +53,9 @@
 #endif
 #ifndef FS_ITEMS
 #define FS_ITEMS 4      // 16-byte vectors per thread per tile
+#endif
+#ifndef FS_MIN_BLOCKS
+#define FS_MIN_BLOCKS 1 // blocks per SM the register budget must allow (__launch_bounds__)
 #endif
 
 namespace fs {
@@ -248,12 +252,12 @@ __device__ __forceinline__ const S* as_ptr(i64 address) {
 }
 
 // One step of a two-axis task on a compute-dtype value: y * scale (+ add) (+ noise * gauss(key, idx)).
-template <class C>
+template <bool NOISE, class C>
 __device__ __forceinline__ C step(C y, i64 flags, i64 f_scale, i64 f_add, i64 f_noise, const C* scale,
                                   const C* addv, const double* noise, i64 u, u64 key, i64 idx) {
     if (flags & f_scale) y = mul_rn(y, __ldg(scale + u));
     if (flags & f_add) y = add_rn(y, __ldg(addv + u));
-    if (flags & f_noise) {
+    if (NOISE && (flags & f_noise)) {
         const double nz = __ldg(noise + u);
         if (nz != 0.0) {
             C draw;
@@ -275,7 +279,7 @@ __device__ __forceinline__ void row_of(i64 r, i64 na, i64 mm, i64 mid, const i64
 // The part of a tile that a thread writes, for a task split on two axes: FS_ITEMS vectors of
 // VEC consecutive output elements, each loaded in one 16-byte load when it can be (as in the
 // one-axis path), then both steps element by element, then one 16-byte store when aligned.
-template <class Tr>
+template <class Tr, bool NOISE>
 __device__ __forceinline__ void two_axis_tile(const Desc* d, const char* __restrict__ blob, i64 base, i64 o0,
                                               i64 c0) {
     typedef typename Tr::S S;
@@ -329,22 +333,22 @@ __device__ __forceinline__ void two_axis_tile(const Desc* d, const char* __restr
                 if (rfirst) {
                     const i64 mi = (r * n + sj) * inner + i;
                     if (rstep) {
-                        y = step(y, flags, F_RSCALE, F_RADD, F_RNOISE, rscale, radd, rnoise, a, rkey,
+                        y = step<NOISE>(y, flags, F_RSCALE, F_RADD, F_RNOISE, rscale, radd, rnoise, a, rkey,
                                  (flags & F_RNSRC) ? xi : mi);
                         y = Tr::to_c(Tr::from_c(y));
                     }
                     if (cstep)
-                        y = step(y, flags, F_SCALE, F_ADD, F_NOISE, scale, addv, noise, j, key,
+                        y = step<NOISE>(y, flags, F_SCALE, F_ADD, F_NOISE, scale, addv, noise, j, key,
                                  (flags & F_NSRC) ? mi : f + k);
                 } else {
                     const i64 mi = (xr * m + j) * inner + i;
                     if (cstep) {
-                        y = step(y, flags, F_SCALE, F_ADD, F_NOISE, scale, addv, noise, j, key,
+                        y = step<NOISE>(y, flags, F_SCALE, F_ADD, F_NOISE, scale, addv, noise, j, key,
                                  (flags & F_NSRC) ? xi : mi);
                         y = Tr::to_c(Tr::from_c(y));
                     }
                     if (rstep)
-                        y = step(y, flags, F_RSCALE, F_RADD, F_RNOISE, rscale, radd, rnoise, a, rkey,
+                        y = step<NOISE>(y, flags, F_RSCALE, F_RADD, F_RNOISE, rscale, radd, rnoise, a, rkey,
                                  (flags & F_RNSRC) ? mi : f + k);
                 }
                 buf.s[k] = Tr::from_c(y);
@@ -370,7 +374,7 @@ __device__ __forceinline__ void two_axis_tile(const Desc* d, const char* __restr
 // The tile loop of both kernels: TWO false for one-axis tasks (fastsplit_split), true for tasks
 // split on two axes (fastsplit_split2). The host launches the two kinds separately, so the
 // one-axis kernel is compiled exactly as it would be without the two-axis path.
-template <class Tr, bool TWO>
+template <class Tr, bool TWO, bool NOISE>
 __device__ __forceinline__ void split_body(const char* __restrict__ blob, i64 ntasks, i64 total_tiles) {
     typedef typename Tr::S S;
     typedef typename Tr::C C;
@@ -409,11 +413,11 @@ __device__ __forceinline__ void split_body(const char* __restrict__ blob, i64 nt
         __syncthreads();  // everyone has read s_task before thread 0 writes the next one
 
         if constexpr (TWO) {
-            two_axis_tile<Tr>(d, blob, base, o0, c0);
+            two_axis_tile<Tr, NOISE>(d, blob, base, o0, c0);
             continue;
         }
 
-        if (flags & F_NOISE) {
+        if (NOISE && (flags & F_NOISE)) {
             // Noise: float64 transcendental math per element dominates, so go
             // element by element with scalar loads and stores.
 #pragma unroll 1
@@ -530,33 +534,43 @@ __device__ __forceinline__ void split_body(const char* __restrict__ blob, i64 nt
 }  // namespace fs
 
 // The template kernels NVRTC instantiates per dtype through name expressions
-// ("fastsplit_split<fs::F16>", "fastsplit_split2<fs::F16>", ...).
-template <class Tr>
-__global__ void __launch_bounds__(FS_THREADS)
+// ("fastsplit_split<fs::F16, true>", "fastsplit_split2<fs::F16, false>", ...). NOISE false
+// compiles the draws out: their float64 log/cos hold registers that every launch would pay for in
+// occupancy, so launches with no drawing task use that instance.
+template <class Tr, bool NOISE>
+__global__ void __launch_bounds__(FS_THREADS, FS_MIN_BLOCKS)
 fastsplit_split(const char* __restrict__ blob, long long ntasks, long long total_tiles) {
-    fs::split_body<Tr, false>(blob, ntasks, total_tiles);
+    fs::split_body<Tr, false, NOISE>(blob, ntasks, total_tiles);
 }
 
-template <class Tr>
-__global__ void __launch_bounds__(FS_THREADS)
+template <class Tr, bool NOISE>
+__global__ void __launch_bounds__(FS_THREADS, FS_MIN_BLOCKS)
 fastsplit_split2(const char* __restrict__ blob, long long ntasks, long long total_tiles) {
-    fs::split_body<Tr, true>(blob, ntasks, total_tiles);
+    fs::split_body<Tr, true, NOISE>(blob, ntasks, total_tiles);
 }
 
 #if !defined(__CUDACC_RTC__) || defined(FASTSPLIT_INSTANTIATE)
 // Fixed names for the prebuilt fatbin (recorded in its .json manifest).
-#define FS_EXPORT(NAME, TR, TWO)                                                                    \
-    extern "C" __global__ void __launch_bounds__(FS_THREADS)                                        \
+#define FS_EXPORT(NAME, TR, TWO, NOISE)                                                             \
+    extern "C" __global__ void __launch_bounds__(FS_THREADS, FS_MIN_BLOCKS)                         \
     NAME(const char* __restrict__ blob, long long ntasks, long long total_tiles) {                 \
-        fs::split_body<TR, TWO>(blob, ntasks, total_tiles);                                         \
+        fs::split_body<TR, TWO, NOISE>(blob, ntasks, total_tiles);                                  \
     }
-FS_EXPORT(fastsplit_split_float16, fs::F16, false)
-FS_EXPORT(fastsplit_split_bfloat16, fs::BF16, false)
-FS_EXPORT(fastsplit_split_float32, fs::F32, false)
-FS_EXPORT(fastsplit_split_float64, fs::F64, false)
-FS_EXPORT(fastsplit_split2_float16, fs::F16, true)
-FS_EXPORT(fastsplit_split2_bfloat16, fs::BF16, true)
-FS_EXPORT(fastsplit_split2_float32, fs::F32, true)
-FS_EXPORT(fastsplit_split2_float64, fs::F64, true)
+FS_EXPORT(fastsplit_split_float16, fs::F16, false, true)
+FS_EXPORT(fastsplit_split_bfloat16, fs::BF16, false, true)
+FS_EXPORT(fastsplit_split_float32, fs::F32, false, true)
+FS_EXPORT(fastsplit_split_float64, fs::F64, false, true)
+FS_EXPORT(fastsplit_split2_float16, fs::F16, true, true)
+FS_EXPORT(fastsplit_split2_bfloat16, fs::BF16, true, true)
+FS_EXPORT(fastsplit_split2_float32, fs::F32, true, true)
+FS_EXPORT(fastsplit_split2_float64, fs::F64, true, true)
+FS_EXPORT(fastsplit_split_exact_float16, fs::F16, false, false)
+FS_EXPORT(fastsplit_split_exact_bfloat16, fs::BF16, false, false)
+FS_EXPORT(fastsplit_split_exact_float32, fs::F32, false, false)
+FS_EXPORT(fastsplit_split_exact_float64, fs::F64, false, false)
+FS_EXPORT(fastsplit_split2_exact_float16, fs::F16, true, false)
+FS_EXPORT(fastsplit_split2_exact_bfloat16, fs::BF16, true, false)
+FS_EXPORT(fastsplit_split2_exact_float32, fs::F32, true, false)
+FS_EXPORT(fastsplit_split2_exact_float64, fs::F64, true, false)
 #undef FS_EXPORT
 #endif

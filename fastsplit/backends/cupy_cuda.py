@@ -132,15 +132,17 @@ def _fatbin(threads: int, items: int):
     if manifest.get("sha256") != digest:
         warnings.warn(f"ignoring {path}: built from another version of {SOURCE}; run `make kernels`", stacklevel=3)
         return None
-    if (manifest.get("threads"), manifest.get("items")) != (threads, items):
+    built = (manifest.get("threads"), manifest.get("items"), manifest.get("min_blocks", 1))
+    if built != (threads, items, int(_config.CUDA_MIN_BLOCKS_PER_SM)):
         return None  # built with other tuning constants (tests shrink them)
     return path, manifest
 
 
-def _load(dtype: str, threads: int, items: int, two: bool = False):
+def _load(dtype: str, threads: int, items: int, two: bool = False, noise: bool = True):
     """The kernel function for ``dtype`` on the current device (compiled on first use).
 
-    ``two`` picks the kernel of tasks split on two axes (``fastsplit_split2``).
+    ``two`` picks the kernel of tasks split on two axes (``fastsplit_split2``); ``noise`` False, the
+    instance with the draws compiled out (fewer registers, so more blocks per SM).
     """
     import cupy
 
@@ -151,22 +153,24 @@ def _load(dtype: str, threads: int, items: int, two: bool = False):
             mod = _modules.get(str(path))
             if mod is None:
                 mod = _modules[str(path)] = cupy.RawModule(path=str(path))
-            return mod.get_function(manifest["kernels2" if two else "kernels"][dtype])
+            kind = ("kernels2" if two else "kernels") + ("" if noise else "_exact")
+            return mod.get_function(manifest[kind][dtype])
         except Exception as exc:  # e.g. no code for this GPU's architecture, driver older than nvcc
             warnings.warn(f"cannot load {path} ({type(exc).__name__}: {exc}); compiling with NVRTC", stacklevel=3)
-    name = f"fastsplit_split{'2' if two else ''}<{DTYPES[dtype][1]}>"
-    options = ("-std=c++17", f"-DFS_THREADS={threads}", f"-DFS_ITEMS={items}")
+    name = f"fastsplit_split{'2' if two else ''}<{DTYPES[dtype][1]}, {'true' if noise else 'false'}>"
+    options = ("-std=c++17", f"-DFS_THREADS={threads}", f"-DFS_ITEMS={items}",
+               f"-DFS_MIN_BLOCKS={int(_config.CUDA_MIN_BLOCKS_PER_SM)}")
     mod = cupy.RawModule(code=kernel_source(), options=options, name_expressions=[name])
     return mod.get_function(name)
 
 
-def _kernel(dtype: str, threads: int, items: int, two: bool = False):
+def _kernel(dtype: str, threads: int, items: int, two: bool = False, noise: bool = True):
     import cupy
 
-    key = (cupy.cuda.Device().id, dtype, threads, items) + (("two",) if two else ())
+    key = (cupy.cuda.Device().id, dtype, threads, items, int(_config.CUDA_MIN_BLOCKS_PER_SM), two, noise)
     fn = _kernels.get(key)
     if fn is None:
-        fn = _kernels[key] = _load(dtype, threads, items, two)
+        fn = _kernels[key] = _load(dtype, threads, items, two, noise)
     return fn
 
 
@@ -243,6 +247,7 @@ def prepare(tasks) -> list:
     for index, task in enumerate(tasks):
         _check(task, index)
         groups.setdefault((task.x.device.id, task.dtype, task.rows is not None), []).append(task)
+    draws = {key: any(_draws(t) for t in group) for key, group in groups.items()}
     threads, items = int(_config.CUDA_THREADS_PER_BLOCK), int(_config.CUDA_VECTORS_PER_THREAD)
     launchers = []
     for (device, dtype, two), group in groups.items():
@@ -252,12 +257,17 @@ def prepare(tasks) -> list:
         if layout.total_tiles == 0:
             continue
         with cupy.cuda.Device(device):
-            fn = _kernel(dtype, threads, items, two)
+            fn = _kernel(dtype, threads, items, two, draws[(device, dtype, two)])
             blob = cupy.asarray(layout.blob)
         grid = int(min(layout.total_tiles, _config.CUDA_MAX_BLOCKS))
         args = (blob, np.int64(layout.ntasks), np.int64(layout.total_tiles))
         launchers.append(functools.partial(_launch_on, device, fn, grid, threads, args))
     return launchers
+
+
+def _draws(task) -> bool:
+    """Whether any gather of ``task`` adds draws (the launch then needs the kernel instance with them)."""
+    return task.noise is not None or (task.rows is not None and task.rows.noise is not None)
 
 
 def _launch_on(device, fn, grid: int, block: int, args: tuple) -> None:

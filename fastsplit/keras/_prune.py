@@ -169,7 +169,7 @@ def _compact(model, graph: Graph, chosen: dict, folds: list, optimizer: str, bac
 def _empty_event(model, optimizer: str, backend: str, t0: float, kind: str) -> GrowthEvent:
     n = int(model.count_params())
     return GrowthEvent(params_before=n, params_after=n, symmetry="none", optimizer=optimizer, kind=kind,
-                       backend=backend_used(backend), keras_backend=_vars.backend_name(),
+                       backend=backend_used(backend, model), keras_backend=_vars.backend_name(),
                        times={"total": time.perf_counter() - t0})
 
 

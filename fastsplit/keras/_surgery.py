@@ -197,12 +197,19 @@ def reset_functions(model, setattr_undo=setattr) -> None:
             getattr(model, f"make_{kind}_function")(force=True)
 
 
-def backend_used(backend: str) -> str:
-    if backend != "auto":
-        return backend
+def backend_used(backend: str, model=None) -> str:
+    """The split backend ``backend`` picks for the model's variables: where they live decides ``"auto"``
+    (CuPy for variables in GPU memory), so a GPU model's event never claims a CPU kernel."""
     from .. import _dispatch
 
-    return "numba" if _dispatch._numba_ok() else "numpy"
+    device = ("cpu", 0)
+    for w in [] if model is None or backend != "auto" else model.weights:
+        try:
+            device = interop.export(_vars.value_of(w)).device
+            break
+        except SplitError:  # a variable of a kind the kernels never see (integer state): ask the next
+            continue
+    return _dispatch.chosen(backend, device)
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------
@@ -381,7 +388,7 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
             symmetry=edit.symmetry,
             optimizer=opt_mode,
             iteration=None if opt is None or not getattr(opt, "built", False) else int(np.asarray(opt.iterations)),
-            backend=backend_used(backend),
+            backend=backend_used(backend, model),
             keras_backend=_vars.backend_name(),
             tensors=len(entries),
             bytes_new=int(sum(int(np.prod(e.new_shape)) * _itemsize(e.target) for e in entries)),
