@@ -363,21 +363,24 @@ class Graph:
         return None
 
     def produce(self, op, width, kernel, kernel_axis: int, bias, attr: str, *, axis: int = -1,
-                refused: str | None = None) -> Label:
+                refused: str | None = None, dim: str | None = None) -> Label:
         """``op``'s layer makes ``width`` units of its own on ``axis`` of its output: a new group.
 
         ``kernel``'s axis ``kernel_axis`` is copied (role incoming), ``bias`` too (with the
         symmetry offsets), and the config attribute ``attr`` follows the width. A layer called
-        several times (shared) is one group. ``refused`` lists it with that reason.
+        several times (shared) is one group. ``refused`` lists it with that reason. A layer with
+        more than one growable dimension names each (``dim``, e.g. ``"heads"``): the group is then
+        called ``path/dim`` wherever groups are named (``coupled_groups``, ``widen``, ``layers=``).
         """
         layer, path = op.layer, op.path
-        g = self._producer_gid.get(id(layer))
+        name = path if dim is None else f"{path}/{dim}"
+        g = self._producer_gid.get((id(layer), dim))
         if g is None:
-            g = self._producer_gid[id(layer)] = len(self._producer_gid)
+            g = self._producer_gid[(id(layer), dim)] = len(self._producer_gid)
             width = int(width)
             self.group_width[g] = width
-            self.producers.setdefault(g, []).append((path, layer))
-            self.producer_ops[path] = op
+            self.producers.setdefault(g, []).append((name, layer))
+            self.producer_ops[name] = op
             ref = GroupRef(g, width)
             if refused:
                 self.refusals.setdefault(g, []).append(refused)
@@ -388,7 +391,7 @@ class Graph:
             if bias is not None:
                 self.uses.append(Use(layer, path, "bias", bias, 0, "bias", ref))  # _place_offsets may move it
             self.config(layer, attr, ref)
-        ref = next(u.ref for u in self.uses if u.layer is layer and u.kind == "incoming")
+        ref = GroupRef(g, self.group_width[g])
         rank = len(self.out_shape(op))
         self._touch(ref, path, layer)
         return Label(ref, Units(axis % rank, rank))
@@ -619,6 +622,7 @@ class Graph:
                 refused += self.refusals.get(g, [])
                 uniform += [p for p, _, _ in self.uniform_layers.get(g, [])]
             out.append(CoupledGroup(
+                name=producers[0] if producers else "",
                 producers=producers,
                 width=self.group_width[root],
                 layers=list(layers),

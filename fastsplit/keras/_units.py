@@ -190,7 +190,11 @@ class CoupledGroup:
     """Units that must be split together (see ``coupled_groups``).
 
     Attributes:
-        producers: paths of the layers whose output units form the group, in graph order.
+        name: what ``widen`` and the callbacks' ``layers=`` call the group: its first producer's
+            path, followed by ``/dimension`` for a layer with more than one growable dimension
+            (``block_0/attention/heads``).
+        producers: names of the layers (``path`` or ``path/dimension``) whose units form the
+            group, in graph order; any of them names the group.
         width: the number of units.
         layers: every layer touched when the group is split (producers, per-unit
             state, pass-through, consumers).
@@ -199,6 +203,7 @@ class CoupledGroup:
         uniform: layers that require every unit to get the same number of copies.
     """
 
+    name: str
     producers: list
     width: int
     layers: list

@@ -27,10 +27,23 @@ def _roundtrip(model, x, y, tmp_path):
 def _split_all(model, x, **kw):
     """Split every splittable group (all units); returns the event after checking the function is kept."""
     before = predict(model, x)
-    plans = {g.producers[0]: None for g in fk.coupled_groups(model) if g.splittable}
+    plans = {g.name: None for g in fk.coupled_groups(model) if g.splittable}
     event = fk.widen(model, plans, symmetry="none", **kw)
     assert rel_err(before, predict(model, x)) <= TOL
     return event
+
+
+def test_every_group_is_named_by_its_first_producer_and_widen_takes_the_name():
+    inp = keras.Input((5,))
+    s = L.Dense(6, name="stem")(inp)
+    s = L.Add()([s, L.Dense(6, name="branch")(s)])
+    model = keras.Model(inp, L.Dense(2, name="out")(L.Dense(4, name="fc")(s)))
+    groups = fk.coupled_groups(model)
+    assert [g.name for g in groups] == [g.producers[0] for g in groups] == ["stem", "fc", "out"]
+    assert groups[0].producers == ["stem", "branch"] and "name" in groups[0].to_dict()
+    x, _ = data((5,))
+    event = _split_all(model, x)
+    assert set(event.layers) == {"stem", "branch", "fc"}
 
 
 def test_reshape_target_shape_follows(tmp_path):
@@ -222,27 +235,27 @@ def test_prune_folds_into_batchnorm_after_a_bias_free_conv():
 
 
 def test_nudge_is_relative_to_each_units_scale():
-    """The default nudge is 1e-3 of the unit's own size: its incoming weights' norm, or |gamma| when the
-    offset goes to a BatchNormalization's beta; ``eps`` stays an absolute override."""
+    """With symmetry="nudge" the offset is by default 1e-3 of the unit's own size: its incoming weights' norm,
+    or |gamma| when the offset goes to a BatchNormalization's beta; ``eps`` stays an absolute override."""
     inp = keras.Input((8,))
     model = keras.Model(inp, L.Dense(3, name="o")(L.Dense(4, activation="relu", name="h")(inp)))
     k, b = model.get_layer("h").get_weights()
     k[:, 1] *= 10.0
     model.get_layer("h").set_weights([k, np.zeros_like(b)])
-    fk.widen(model, {"h": None})
+    fk.widen(model, {"h": None}, symmetry="nudge")
     np.testing.assert_allclose(model.get_layer("h").bias.numpy()[4:], -1e-3 * np.linalg.norm(k, axis=0), rtol=1e-5)
 
     inp = keras.Input((8,))
     h = L.BatchNormalization(name="bn")(L.Dense(4, use_bias=False, name="h")(inp))
     model = keras.Model(inp, L.Dense(3, name="o")(h))
     model.get_layer("bn").gamma.assign(np.array([1.0, 2.0, -3.0, 4.0], "float32"))
-    fk.widen(model, {"h": None}, nudge=1e-2)
+    fk.widen(model, {"h": None}, symmetry="nudge", nudge=1e-2)
     np.testing.assert_allclose(model.get_layer("bn").beta.numpy(),
                                [0.01, 0.02, 0.03, 0.04, -0.01, -0.02, -0.03, -0.04], rtol=1e-5)
 
     inp = keras.Input((8,))
     model = keras.Model(inp, L.Dense(3, name="o")(L.Dense(4, name="h")(inp)))
-    fk.widen(model, {"h": [2]}, eps=0.5)
+    fk.widen(model, {"h": [2]}, symmetry="nudge", eps=0.5)
     assert model.get_layer("h").bias.numpy()[[2, 4]].tolist() == [0.5, -0.5]
 
 
