@@ -200,8 +200,9 @@ def build(specs: Sequence[TaskSpec], *, itemsize: int, compute, threads: int, it
     ntasks = len(order)
     table = np.zeros((ntasks, len(FIELDS)), dtype=np.int64)
     blob = _Blob(ntasks * DESC_BYTES)
-    shared: dict[int, tuple[int, int]] = {}
-    keep = []  # holds the src arrays whose id() keys `shared`
+    shared: dict = {}  # id() of a src or (scale, add, noise) -> its blob offsets, stored once
+    keep = []  # holds the arrays whose id() keys `shared`
+    checked: set = set()
     tiles = 0
     for row, k in enumerate(order):
         s = specs[k]
@@ -209,14 +210,16 @@ def build(specs: Sequence[TaskSpec], *, itemsize: int, compute, threads: int, it
         src = np.asarray(s.src)
         if src.shape != (m,) or not np.issubdtype(src.dtype, np.integer):
             raise ValueError(f"task {k}: src must be an integer array of shape ({m},), got {src.dtype} {src.shape}")
-        if s.n < 1 or src.min() < 0 or src.max() >= s.n:
-            raise ValueError(f"task {k}: src must lie in [0, {s.n})")
+        if ("range", id(s.src), s.n) not in checked:  # the tasks of one plan share src: check it once
+            if s.n < 1 or src.min() < 0 or src.max() >= s.n:
+                raise ValueError(f"task {k}: src must lie in [0, {s.n})")
+            checked.add(("range", id(s.src), s.n))
         for name in ("scale", "add", "noise"):
             arr = getattr(s, name)
             if arr is not None and np.shape(arr) != (m,):
                 raise ValueError(f"task {k}: {name} must have shape ({m},), got {np.shape(arr)}")
         src_off, run_off = _put_src(blob, shared, keep, s.src, src)
-        flags, scale_off, add_off, noise_off = _put_vectors(blob, compute, s.scale, s.add, s.noise,
+        flags, scale_off, add_off, noise_off = _put_vectors(blob, shared, keep, compute, s.scale, s.add, s.noise,
                                                             (F_SCALE, F_ADD, F_NOISE))
         if s.noise is not None and s.noise_by_source:
             flags |= F_NSRC
@@ -239,8 +242,8 @@ def build(specs: Sequence[TaskSpec], *, itemsize: int, compute, threads: int, it
                 if arr is not None and np.shape(arr) != (ma,):
                     raise ValueError(f"task {k}: rows.{name} must have shape ({ma},), got {np.shape(arr)}")
             rsrc_off, _ = _put_src(blob, shared, keep, r.src, rsrc)
-            rflags, rscale_off, radd_off, rnoise_off = _put_vectors(blob, compute, r.scale, r.add, r.noise,
-                                                                    (F_RSCALE, F_RADD, F_RNOISE))
+            rflags, rscale_off, radd_off, rnoise_off = _put_vectors(blob, shared, keep, compute, r.scale, r.add,
+                                                                    r.noise, (F_RSCALE, F_RADD, F_RNOISE))
             flags |= F_TWO | rflags | (F_RFIRST if r.first else 0)
             if r.noise is not None and r.noise_by_source:
                 flags |= F_RNSRC
@@ -267,8 +270,21 @@ def _put_src(blob: _Blob, shared: dict, keep: list, obj, src: np.ndarray) -> tup
     return shared[id(obj)]
 
 
-def _put_vectors(blob: _Blob, compute, scale, add, noise, bits) -> tuple[int, int, int, int]:
-    """``(flags, scale, add, noise offsets)`` of one gather's vectors; an all-one scale is left out."""
+def _put_vectors(blob: _Blob, shared: dict, keep: list, compute, scale, add, noise,
+                 bits) -> tuple[int, int, int, int]:
+    """``(flags, scale, add, noise offsets)`` of one gather's vectors; an all-one scale is left out.
+
+    Tasks that share the vector objects (the tensors of one plan and role) share their blob storage:
+    a growth event of many tensors lays out each plan's vectors once.
+    """
+    key = ("vectors", id(scale), id(add), id(noise), bits)
+    if key not in shared:
+        keep.append((scale, add, noise))
+        shared[key] = _store_vectors(blob, compute, scale, add, noise, bits)
+    return shared[key]
+
+
+def _store_vectors(blob: _Blob, compute, scale, add, noise, bits) -> tuple[int, int, int, int]:
     flags = 0
     scale = np.asarray(scale, dtype=np.float64).astype(compute)
     scale_off = add_off = noise_off = 0
