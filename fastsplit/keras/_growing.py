@@ -59,7 +59,7 @@ class GrowthCallback(PlateauMonitor):
         self.eps = check_real("eps", eps, low=0, optional=True)
         if self.eps is not None and symmetry not in ("nudge", "direction"):
             raise GrowthError(f"eps is the bias offset of symmetry='nudge' or the step of 'direction'; got eps={eps!r} "
-                              f"with symmetry={symmetry!r}")
+                              f"with symmetry={symmetry!r} (the default is 'fresh')")
         self.max_units = _budget.check_max_units(max_units)
         self.max_params = _budget.check_max_params(max_params)
         self.stop_when_grown = check_bool("stop_when_grown", stop_when_grown)
@@ -145,11 +145,30 @@ class GrowthCallback(PlateauMonitor):
                 why = why_not_growable(model, name, groups)
                 if why is not None:
                     raise GrowthError(f"{type(self).__name__}(layers={self.layers!r}): {why}")
+        self._symmetries = self._symmetry_per_layer(names, groups)
         if isinstance(self.max_units, dict):
             unknown = sorted(set(self.max_units) - set(names))
             if unknown:
                 raise GrowthError(f"max_units names layers that do not grow: {unknown} (growing: {names})")
         self._names = names
+
+    def _symmetry_per_layer(self, names, groups):
+        """layer name -> the symmetry its splits use: ``symmetry``, except that ``"fresh"`` gives way to
+        ``"direction"`` (with a ``RuntimeWarning``, once per fit) for a layer whose units reach a layer that
+        normalises across them, whose mean and variance fresh units would change (``widen`` does the same)."""
+        from ._widen import FRESH_FALLBACK, fresh_blocked_by, fresh_fallback_message
+
+        out = {}
+        if self.symmetry != "fresh":
+            return out
+        for name in names:
+            group = next((g for g in groups if name in g.producers), None)
+            blocked = fresh_blocked_by(group) if group is not None else []
+            if blocked:
+                out[name] = FRESH_FALLBACK
+                warnings.warn(f"{type(self).__name__}: " + fresh_fallback_message(name, blocked), RuntimeWarning,
+                              stacklevel=2)
+        return out
 
     def _layer_objs(self):
         return [self.model.get_layer(n) for n in self._names]
@@ -270,10 +289,11 @@ class GrowthCallback(PlateauMonitor):
             return pruned
         before = self.widths()
         params_before = self.model.count_params()
-        seed = None if self.seed is None else int(self.seed) + len(self._plans)
+        seed = (self.seed or 0) + len(self._plans)  # one key per event: fresh draws differ between events
         eps = self.eps  # None: each symmetry's own default
+        symmetries = getattr(self, "_symmetries", {})
         plans = {
-            name: make_plan(before[name], idx, symmetry=self.symmetry, eps=eps, seed=seed)
+            name: make_plan(before[name], idx, symmetry=symmetries.get(name, self.symmetry), eps=eps, seed=seed)
             for name, idx in chosen.items()
         }
         if self.symmetry == "nudge" and self.eps is None:  # widen scales the nudge to each unit

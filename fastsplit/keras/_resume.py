@@ -94,6 +94,13 @@ def _check_plan_dict(v, where):
             isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(r) for r in ratio
         ):
             raise GrowthError(f"{where}['ratio'] must be a list of {len(units)} finite numbers; got {ratio!r:.200}")
+        sigma, seed = v.get("sigma", 0.0), v.get("seed")
+        if v.get("symmetry", "fresh") != "fresh" or not (
+            isinstance(sigma, numbers.Real) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma >= 0
+            and (seed is None or _is_int(seed))
+        ):
+            raise GrowthError(f"{where}: a saved plan's symmetry can only be 'fresh', with a finite sigma >= 0 and "
+                              f"an integer seed >= 0 or null; got {v!r:.200}")
 
 
 def check_state(state, where: str) -> None:
@@ -160,15 +167,25 @@ def load_history(state: dict):
 
 
 def plan_dict(p) -> dict:
+    """A plan as JSON, for the replay of ``restore_best_weights``: its copies and shares; a ``"fresh"``
+    plan also its draws' ``sigma`` and ``seed``, so that a replayed fresh unit gets incoming weights
+    again (zero ones, with zero outgoing weights, would never get a gradient)."""
     if isinstance(p, CompactPlan):
         return {"width": int(p.width), "keep": p.src.tolist()}
-    return {"width": p.width, "src": p.src.tolist(), "ratio": p.ratio.tolist()}
+    d = {"width": p.width, "src": p.src.tolist(), "ratio": p.ratio.tolist()}
+    if p.symmetry == "fresh":
+        d.update(symmetry="fresh", sigma=float(p.sigma), seed=None if p.seed is None else int(p.seed))
+    return d
 
 
 def plan_from_dict(v):
     if "keep" in v:
         return CompactPlan(width=int(v["width"]), src=np.asarray(v["keep"], dtype=np.int64))
-    return SplitPlan(width=v["width"], src=np.asarray(v["src"]), ratio=v["ratio"], offset=np.zeros(len(v["src"])))
+    src = np.asarray(v["src"])
+    if v.get("symmetry") == "fresh" or 0 in v["ratio"]:  # only a fresh plan holds zero shares
+        return SplitPlan(width=v["width"], src=src, ratio=v["ratio"], offset=np.zeros(len(src)), symmetry="fresh",
+                         sigma=v.get("sigma", 1.0), seed=v.get("seed"))
+    return SplitPlan(width=v["width"], src=src, ratio=v["ratio"], offset=np.zeros(len(src)))
 
 
 def kind_of(event) -> str:

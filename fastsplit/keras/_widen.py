@@ -25,8 +25,18 @@ from ._units import GroupRef, evaluate
 #: the default size of a ``"nudge"``, relative to each unit's own scale
 NUDGE = 1e-3
 
+#: the symmetry of ``widen`` and of the growth callbacks when none is given. ``"fresh"`` is the
+#: only one whose new units become different units under Adam, AdamW and RMSprop (issue 12,
+#: ``benchmarks/RESULTS.md``, "Separation of split copies"), and it keeps the function exactly.
+#: The core :func:`fastsplit.plan` keeps ``"nudge"``: a plan is read there as a split of
+#: tensors into copies, and it cannot know the optimizer that will train them.
+DEFAULT_SYMMETRY = "fresh"
 
-def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nudge: float = NUDGE,
+#: the symmetry a ``"fresh"`` plan made from indices gives way to (see :func:`fresh_blocked_by`)
+FRESH_FALLBACK = "direction"
+
+
+def widen(model, plans, *, symmetry: str = DEFAULT_SYMMETRY, eps: float | None = None, nudge: float = NUDGE,
           optimizer: str = "carry", backend: str = "auto") -> GrowthEvent:
     """Split units of a built Keras model in place; it computes the same function with more units.
 
@@ -40,16 +50,29 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
             plain name or its path (``"block/dense"`` inside a nested model);
             naming one member of a coupled group (``coupled_groups``) splits
             the whole group.
-        symmetry: ``"nudge"`` (default), ``"noise"``, ``"asymmetric"``,
-            ``"direction"``, ``"fresh"`` or ``"none"`` for plans made here from
-            indices (a SplitPlan keeps its own); see :func:`fastsplit.plan`.
+        symmetry: ``"fresh"`` (default), ``"nudge"``, ``"noise"``, ``"asymmetric"``,
+            ``"direction"`` or ``"none"`` for plans made here from indices (a
+            SplitPlan keeps its own); see :func:`fastsplit.plan`. ``"fresh"``
+            adds new units (random incoming weights at the scale of the source
+            unit's, zero outgoing weights: exact); it is the default because
+            it is the only one whose new units Adam-type optimizers make into
+            different units (the copies of the others stay twins under Adam,
+            AdamW, RMSprop; README "Symmetry breaking"). The core
+            :func:`fastsplit.plan` defaults to ``"nudge"`` instead: it makes
+            plans of tensors for any optimizer, or none. Where the split units
+            reach a layer that normalises across them (``LayerNormalization``
+            over the units), fresh units would change its mean and variance: a
+            plan made here then uses ``"direction"`` for that group, with a
+            ``RuntimeWarning``; a ``"fresh"`` SplitPlan given for it is refused.
         eps: ``"direction"``'s step relative to each unit's incoming weights
             (default 0.1), or an absolute ``"nudge"`` bias offset. By default (None) the offset
             of each unit is ``nudge`` times the unit's own scale: the norm of
             its incoming weights (the spread of its pre-activation for inputs
             of unit variance) or, when the offset goes to a normaliser's
-            ``beta``, the size of that normaliser's ``gamma``.
-        nudge: the relative size of the default ``"nudge"``.
+            ``beta``, the size of that normaliser's ``gamma``. Refused with a
+            symmetry that has no ``eps`` (``"fresh"``, ``"noise"``, ...), which
+            would ignore it.
+        nudge: the relative size of the default ``"nudge"``; refused with another symmetry.
         optimizer: ``"carry"`` transports the optimizer's slots (DESIGN.md);
             ``"reset"`` gives the widened variables fresh slots. The
             iteration counter is kept either way.
@@ -78,7 +101,13 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
     if symmetry not in SYMMETRIES:
         raise GrowthError(f"symmetry must be one of {SYMMETRIES}, got symmetry={symmetry!r}")
     eps = check_number("eps", eps, optional=True)
+    if eps is not None and symmetry not in ("nudge", "direction"):
+        raise GrowthError(f"eps is the bias offset of symmetry='nudge' or the step of 'direction'; got eps={eps!r} "
+                          f"with symmetry={symmetry!r} (the default is {DEFAULT_SYMMETRY!r})")
     nudge = check_number("nudge", nudge)
+    if nudge != NUDGE and symmetry != "nudge":
+        raise GrowthError(f"nudge is the relative offset of symmetry='nudge'; got nudge={nudge!r} with "
+                          f"symmetry={symmetry!r} (the default is {DEFAULT_SYMMETRY!r})")
     sync_jax(model)
 
     # -- plan ---------------------------------------------------------------------------------------
@@ -86,18 +115,29 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
     groups = graph.groups()
     by_root = {g.gid: g for g in groups}
 
+    fell_back = []
+
     def make(spec, grp, path):
         if isinstance(spec, CompactPlan):
             raise GrowthError(f"the plan for {path!r} is a CompactPlan, which removes units: use "
                               "fastsplit.keras.prune to apply it")
         if spec is None or not isinstance(spec, SplitPlan):
+            sym = symmetry
+            blocked = fresh_blocked_by(grp) if symmetry == "fresh" else None
+            if blocked:
+                sym = FRESH_FALLBACK
+                fell_back.append(fresh_fallback_message(path, blocked))  # said once every check has passed
             try:
-                step = (nudge if eps is None else eps) if symmetry == "nudge" else eps
-                spec = make_plan(grp.width, spec, symmetry=symmetry, eps=step)
+                step = (nudge if eps is None else eps) if sym == "nudge" else eps
+                spec = make_plan(grp.width, spec, symmetry=sym, eps=step)
             except SplitError as exc:
                 raise SplitError(f"the plan for {path!r}: {exc}") from None
-            if eps is None and symmetry == "nudge":
+            if eps is None and sym == "nudge":
                 spec = spec.scaled(unit_scales(graph, grp.gid, grp.width))
+        elif spec.symmetry == "fresh" and fresh_blocked_by(grp):
+            raise GrowthError(f"a 'fresh' plan for {path!r} would change what {fresh_blocked_by(grp)} compute: they "
+                              "normalise across the split units, and fresh units change their mean and variance; "
+                              f"use symmetry={FRESH_FALLBACK!r} (or pass indices, which fall back to it)")
         check_plan(spec, grp.width, path)
         return spec
 
@@ -121,10 +161,29 @@ def widen(model, plans, *, symmetry: str = "nudge", eps: float | None = None, nu
         p = chosen.get(graph.find(g))
         if p is not None and np.any(p.offset != 0):
             warnings.warn(f"{why}: symmetry='nudge' cannot separate the copies of {named[graph.find(g)]!r}; use "
-                          "symmetry='direction'", RuntimeWarning, stacklevel=2)
+                          "symmetry='fresh' (the default) or 'direction'", RuntimeWarning, stacklevel=2)
+
+    for message in dict.fromkeys(fell_back):
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     edit = Edit("split", chosen, symmetry, neurons=lambda p: np.unique(p.src[p.is_copy]).tolist())
     return apply(model, graph, edit, optimizer=optimizer, backend=backend, t0=t0, times=times)
+
+
+def fresh_blocked_by(group) -> list:
+    """The layers that keep a ``"fresh"`` split of ``group`` from being exact (empty when none).
+
+    A layer that normalises across the split units (``LayerNormalization`` over them) sees
+    every unit's value, a fresh one's too: its mean and variance change, and so does the
+    function. Copies keep them when every unit gets the same number. ``group`` is a
+    :class:`fastsplit.keras.CoupledGroup`; cost: none (the graph walk found them).
+    """
+    return list(group.uniform)
+
+
+def fresh_fallback_message(name, blocked) -> str:
+    return (f"symmetry='fresh' would change the function of {name!r}: {blocked} normalise across its units; "
+            f"its plan uses symmetry={FRESH_FALLBACK!r} instead (second order in eps)")
 
 
 def unit_scales(graph: Graph, gid: int, width: int) -> np.ndarray:
@@ -162,4 +221,4 @@ def unit_scales(graph: Graph, gid: int, width: int) -> np.ndarray:
     return np.where(size > 0, size, fallback)
 
 
-__all__ = ["unit_scales", "widen"]
+__all__ = ["DEFAULT_SYMMETRY", "FRESH_FALLBACK", "fresh_blocked_by", "unit_scales", "widen"]

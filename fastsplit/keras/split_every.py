@@ -41,7 +41,7 @@ class SplitEvery(GrowthCallback):
         layers=None,
         select="all",
         score="change",
-        symmetry="nudge",
+        symmetry="fresh",
         max_units=None,
         max_params=None,
         stop_when_grown=False,

@@ -39,10 +39,20 @@ class SplitOnPlateau(GrowthCallback):
             ``probe``), ``"optimizer"`` (the optimizer's second-moment slots),
             ``"activation"`` (mean absolute activation on ``probe``), or a callable
             ``fn(layer, model) -> scores`` with one number per unit.
-        symmetry: how copies are told apart: ``"nudge"`` (bias offsets, relative to each unit),
+        symmetry: how the new units differ from the ones they come from:
+            ``"fresh"`` (default: new units with random incoming weights at
+            the scale of the source unit's and zero outgoing weights, exact),
+            ``"direction"`` (copies moved ``±eps`` along one shared direction,
+            second order), ``"nudge"`` (bias offsets, relative to each unit),
             ``"noise"`` (Net2Net noise on the copies' incoming weights),
             ``"asymmetric"`` (unequal outgoing shares, exact) or ``"none"``
-            (exact copies, which Adam never separates).
+            (exact copies). ``"fresh"`` is the default because under Adam,
+            AdamW and RMSprop the copies of every other symmetry stay twins
+            and the grown model computes no more than before (README,
+            "Symmetry breaking"). A layer whose units reach a layer that
+            normalises across them (``LayerNormalization`` over the units)
+            uses ``"direction"`` instead, with a ``RuntimeWarning`` when
+            ``fit`` starts: fresh units would change that layer's mean and variance.
         max_units: largest width a layer may reach (an int for every layer, or a
             dict layer name -> int). A layer at its cap stops growing; one near
             it splits only its best-scoring units.
@@ -52,21 +62,24 @@ class SplitOnPlateau(GrowthCallback):
             and the plateau persists, stop training, like EarlyStopping.
         restore_best_weights: at the end of training, go back to the weights of
             the best epoch; if the model grew since, they are split the same way
-            (exactly, without nudges), so the grown model computes the best
+            (exactly: copies without their nudges or offsets, fresh units with
+            zero outgoing weights again), so the grown model computes the best
             epoch's function. Units pruned since (``prune_dead``) are folded
             the same way as at the prune, which is exact only if they were
             already dead at the best epoch (a ``RuntimeWarning`` says when not).
         verbose: 0 silent; 1 prints one line per growth event (epoch, layer,
             old → new units, parameters, monitored value), one per prune, and
             when it stops.
-        eps: an absolute bias offset (>= 0) for ``symmetry="nudge"`` (the article's 1e-3);
-            refused with any other symmetry, which would ignore it. By default
-            (None) each unit's offset is 1e-3 of its own scale, as in ``widen``.
+        eps: an absolute bias offset (>= 0) for ``symmetry="nudge"`` (the article's 1e-3),
+            or the step of ``"direction"``; refused with any other symmetry, the
+            default ``"fresh"`` included, which would ignore it. By default
+            (None) each unit's nudge is 1e-3 of its own scale, as in ``widen``,
+            and the direction's step 0.1.
         probe: held-back data for ``score="gradient"`` (``(x, y)``) and
             ``score="activation"`` (``x`` or ``(x, y)``); also the data of
             ``prune_dead`` when ``prune_data`` is not given.
-        seed: seed (an integer >= 0) of ``symmetry="noise"`` (each event uses
-            ``seed + event index``).
+        seed: seed (an integer >= 0) of the draws of ``"fresh"``, ``"noise"`` and
+            ``"direction"`` (each event uses ``seed + event index``; None: the event index).
         backup_dir: the ``backup_dir`` of a ``keras.callbacks.BackupAndRestore`` in
             the same ``fit``: the callback saves its own state there each epoch
             and, when a killed run restarts, widens the fresh model to the
@@ -128,7 +141,7 @@ class SplitOnPlateau(GrowthCallback):
         layers=None,
         select="all",
         score="change",
-        symmetry="nudge",
+        symmetry="fresh",
         max_units=None,
         max_params=None,
         stop_when_grown=True,

@@ -164,7 +164,8 @@ def test_backup_dir_that_is_a_file_is_refused(tmp_path):
 def test_numpy_scalars_and_paths_are_accepted(tmp_path):
     cb = SplitOnPlateau(min_delta=np.float32(0.5), patience=np.int64(2), cooldown=np.int32(1), select=np.float64(0.5),
                         max_units={"hidden": np.int64(8)}, stop_when_grown=np.bool_(False), eps=np.float64(1e-3),
-                        seed=np.uint8(3), backup_dir=tmp_path / "b", layers=("hidden",), verbose=0)  # fmt: skip
+                        symmetry="nudge", seed=np.uint8(3), backup_dir=tmp_path / "b", layers=("hidden",),
+                        verbose=0)  # fmt: skip
     assert (cb.patience, cb.cooldown, cb.max_units, cb.seed) == (2, 1, {"hidden": 8}, 3)
     assert cb.stop_when_grown is False and cb.eps == 1e-3 and cb.layers == ["hidden"]
     assert type(cb.min_delta) is float and type(cb.seed) is int

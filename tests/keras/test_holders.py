@@ -168,11 +168,12 @@ def _norm_model(center, use_bias=True):
 def test_a_nudge_that_a_normaliser_cancels_warns(use_bias):
     model = _norm_model(center=False, use_bias=use_bias)
     with pytest.warns(RuntimeWarning, match="center=False.*cannot separate"):
-        fk.widen(model, {"d": None})
+        fk.widen(model, {"d": None}, symmetry="nudge")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        fk.widen(_norm_model(center=True, use_bias=use_bias), {"d": None})
+        fk.widen(_norm_model(center=True, use_bias=use_bias), {"d": None}, symmetry="nudge")
         fk.widen(_norm_model(center=False, use_bias=use_bias), {"d": None}, symmetry="noise")
+        fk.widen(_norm_model(center=False, use_bias=use_bias), {"d": None})  # fresh, the default, needs no offset
 
 
 def test_the_nudge_goes_past_a_normaliser_after_a_residual_add():
@@ -184,7 +185,7 @@ def test_the_nudge_goes_past_a_normaliser_after_a_residual_add():
     s = L.Add()([s, r])
     h = L.ReLU()(L.BatchNormalization(name="post")(s))
     model = keras.Model(inp, L.Dense(1)(L.GlobalAveragePooling2D()(h)))
-    fk.widen(model, {"stem": [0]})
+    fk.widen(model, {"stem": [0]}, symmetry="nudge")
     for name in ("stem", "branch"):
         bias = np.array(model.get_layer(name).bias.numpy())
         assert bias[0] == bias[4], name  # a copy keeps the bias: no offset before the normalisers
@@ -225,9 +226,11 @@ def _small():
     ({"eps": "0.1"}, "eps"),
     ({"eps": float("nan")}, "eps"),
     ({"eps": -1.0}, "eps"),
-    ({"eps": 1e300}, "eps must be finite"),
-    ({"nudge": 1e300}, "eps must be finite"),
+    ({"eps": 1e300, "symmetry": "nudge"}, "eps must be finite"),
+    ({"nudge": 1e300, "symmetry": "nudge"}, "eps must be finite"),
     ({"nudge": True}, "nudge"),
+    ({"nudge": 1e-2}, "nudge=0.01 with symmetry='fresh'"),
+    ({"eps": 1e-3}, "eps=0.001 with symmetry='fresh'"),  # the default has no eps
     ({"symmetry": 5}, "symmetry"),
     ({"optimizer": "keep"}, "optimizer"),
     ({"backend": "cuda"}, "backend"),
@@ -245,7 +248,7 @@ def test_offsets_the_weights_dtype_cannot_hold_are_refused():
     model = keras.Model(inp, L.Dense(1, name="o")(L.Dense(6, activation="relu", name="d", dtype="float16")(inp)))
     before = snapshot(model)
     with pytest.raises(fk.GrowthError, match="d/bias .float16. cannot hold"):
-        fk.widen(model, {"d": None}, eps=1e5)
+        fk.widen(model, {"d": None}, symmetry="nudge", eps=1e5)
     assert_same(before, snapshot(model))
 
 

@@ -247,7 +247,7 @@ def test_nudge_goes_to_batchnorm_beta_or_warns():
     h = L.ReLU()(h)
     m = keras.Model(inp, L.Dense(2)(L.Flatten()(h)))
     beta = m.get_layer("bn").beta.numpy().copy()
-    fk.widen(m, {"c": [1]}, eps=0.01)
+    fk.widen(m, {"c": [1]}, symmetry="nudge", eps=0.01)
     new = m.get_layer("bn").beta.numpy()
     np.testing.assert_allclose(new[[1, 3]] - beta[[1, 1]], [0.01, -0.01], atol=1e-7)
 
@@ -255,7 +255,7 @@ def test_nudge_goes_to_batchnorm_beta_or_warns():
     h = L.Dense(3, use_bias=False, name="nb")(inp)
     m = keras.Model(inp, L.Dense(2)(h))
     with pytest.warns(RuntimeWarning, match="nb"):
-        fk.widen(m, {"nb": None})
+        fk.widen(m, {"nb": None}, symmetry="nudge")
 
 
 def test_prelu_spatial_dropout_softmax_and_concat_on_another_axis():
