@@ -19,12 +19,19 @@ demo: $(STAMP)
 	$(VENV)/bin/fastsplit demo
 
 # The whole suite under Keras' default backend (TensorFlow), slow cases included (the big
-# keras.applications models), then the Keras tests again under JAX and PyTorch without the
-# slow cases: Keras fixes its backend once per process.
+# keras.applications models), and the Keras tests again under JAX and PyTorch without the
+# slow cases: Keras fixes its backend once per process. The three run side by side (their
+# tests are mostly single-threaded Python, so two cores give close to twice the speed); the
+# JAX and PyTorch logs are printed after, in full where they failed.
 test: $(STAMP)
-	$(PY) -m pytest
-	KERAS_BACKEND=jax $(PY) -m pytest tests/keras -q -m "not slow"
-	KERAS_BACKEND=torch $(PY) -m pytest tests/keras -q -m "not slow"
+	@KERAS_BACKEND=jax $(PY) -m pytest tests/keras -q -m "not slow" -p no:cacheprovider > .pytest-jax.log 2>&1 & jax=$$!; \
+	KERAS_BACKEND=torch $(PY) -m pytest tests/keras -q -m "not slow" -p no:cacheprovider > .pytest-torch.log 2>&1 & torch=$$!; \
+	$(PY) -m pytest; tf=$$?; \
+	wait $$jax; j=$$?; wait $$torch; t=$$?; \
+	for b in jax torch; do echo "== Keras tests under $$b"; \
+		if grep -qE "(failed|error)" .pytest-$$b.log; then cat .pytest-$$b.log; else tail -n 4 .pytest-$$b.log; fi; done; \
+	echo "exit status: TensorFlow (all tests) $$tf, JAX $$j, PyTorch $$t"; \
+	test $$tf -eq 0 && test $$j -eq 0 && test $$t -eq 0
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
