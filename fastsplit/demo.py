@@ -5,6 +5,9 @@ Dense(10, softmax), Adam, batch 128; when validation accuracy improves by less
 than one point in an epoch, every hidden unit is split in two and training goes
 on. Two baselines get the same epoch budget and the same stopping rule: the
 starting size without growth, and the final grown size trained from scratch.
+Each split keeps the unit and adds a fresh one (``--symmetry fresh``, the Keras
+default: random incoming weights, zero outgoing weights), which Adam turns into
+a different unit; the article's nudged copies stay twins under Adam (issue 12).
 
 With ``--prune-dead`` the callback first removes the hidden units that are dead on
 the training images at each growth event (``prune_dead=True``), then splits.
@@ -34,6 +37,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from .plan import SYMMETRIES
 
 MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 
@@ -292,7 +297,7 @@ def _check_dataset(dataset):
 
 
 def check_args(*, dataset="auto", model="mlp", start_units=2, select="all", score="change", max_units=16, epochs=30,
-               out="demo_out", seed=0, min_delta=0.01, patience=0, cooldown=2, symmetry="nudge", batch_size=128,
+               out="demo_out", seed=0, min_delta=0.01, patience=0, cooldown=2, symmetry="fresh", batch_size=128,
                verbose=1, plot=True, prune_dead=False, learning_rate=1e-3):  # fmt: skip
     """Check every :func:`run_demo` argument; ``DemoArgumentError`` names the first that cannot work.
 
@@ -309,8 +314,7 @@ def check_args(*, dataset="auto", model="mlp", start_units=2, select="all", scor
     _check_select(select)
     _need(score in ("change", "gradient", "optimizer", "activation"), "--score",
           "'change', 'gradient', 'optimizer' or 'activation'", score)  # fmt: skip
-    _need(symmetry in ("nudge", "noise", "none", "asymmetric"), "--symmetry",
-          "'nudge', 'noise', 'none' or 'asymmetric'", symmetry)  # fmt: skip
+    _need(symmetry in SYMMETRIES, "--symmetry", "one of " + ", ".join(map(repr, SYMMETRIES)), symmetry)
     _need_int("--seed", seed, 0, 2**32 - 1)  # keras.utils.set_random_seed seeds numpy's legacy generator
     _need_real("--min-delta", min_delta, low=0)
     _need_int("--patience", patience, 0)
@@ -379,7 +383,7 @@ def warm_up(kind="mlp"):
 
 
 def grower(train_set, val_set, *, min_delta=0.01, patience=0, cooldown=2, select="all", score="change",
-           symmetry="nudge", max_units=16, verbose=1, prune_dead=False):  # fmt: skip
+           symmetry="fresh", max_units=16, verbose=1, prune_dead=False):  # fmt: skip
     """The demo's ``SplitOnPlateau``: the probe is 256 validation images; dead units are judged on the training images."""
     from .keras.split_on_plateau import SplitOnPlateau
 
@@ -411,7 +415,7 @@ def run_demo(
     min_delta=0.01,
     patience=0,
     cooldown=2,
-    symmetry="nudge",
+    symmetry="fresh",
     batch_size=128,
     verbose=1,
     plot=True,
@@ -648,8 +652,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--min-delta", type=float, default=0.01, help="plateau: smallest val_accuracy gain that counts")
     p.add_argument("--patience", type=int, default=0, help="plateau: epochs without improvement before a split (0)")
     p.add_argument("--cooldown", type=int, default=2, help="epochs after a split before the rule is applied again (2)")
-    p.add_argument("--symmetry", choices=("nudge", "noise", "none"), default="nudge",
-                   help="how copies are told apart (nudge: bias offsets +-1e-3, the article's)")  # fmt: skip
+    p.add_argument("--symmetry", choices=SYMMETRIES, default="fresh",
+                   help="how the new units differ (fresh, the default: new units with random incoming and zero "
+                        "outgoing weights, the one Adam makes use of; nudge: the article's bias offsets)")  # fmt: skip
     p.add_argument("--prune-dead", action="store_true",
                    help="at each growth event, first remove hidden units dead on every training image")  # fmt: skip
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate of every run (1e-3)")
