@@ -207,7 +207,8 @@ def plot(summary, path, e2):
             for sym in SYMS:
                 s = summary[cfg].get(opt, {}).get(sym)
                 if s:
-                    ax.plot(range(len(s["separation_curve_mean"])), s["separation_curve_mean"], marker=".", label=sym)
+                    ax.plot(range(len(s["separation_curve_mean"])), s["separation_curve_mean"], marker=".", label=sym,
+                            color=f"C{SYMS.index(sym)}")  # one colour per symmetry in every panel
             ax.axhline(0.1, color="gray", lw=0.8, ls="--")
             ax.set_yscale("symlog", linthresh=1e-3)
             ax.set_ylim(0, 5)
