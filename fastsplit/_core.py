@@ -56,7 +56,7 @@ def split_many(jobs: Sequence[Job], *, backend: str = "auto") -> list:
 
 
 def split(x, plan: SplitPlan, axis: int = -1, *, role: str = "incoming", channels: str = "last",
-          backend: str = "auto", out=None, also=None):
+          backend: str = "auto", out=None, also=None, factor: float = 1.0):
     """Split one tensor along ``axis`` according to ``plan``.
 
     ``out[..., j, ...] = x[..., src[j], ...] * ratio[j]**p`` (+ ``offset[j]`` for a
@@ -83,6 +83,8 @@ def split(x, plan: SplitPlan, axis: int = -1, *, role: str = "incoming", channel
             non-contiguous or unaligned ``out`` is written through a copy.
         also: optional second axis ``(plan, axis, role[, channels])``, split
             after the first in the same pass (see :class:`Job`).
+        factor: a constant that multiplies the first step's gathered entries
+            with the ratio power, before offsets and draws (see :class:`Job`).
 
     Returns:
         A new array of the same kind and device as ``x`` (``out`` when given).
@@ -90,4 +92,4 @@ def split(x, plan: SplitPlan, axis: int = -1, *, role: str = "incoming", channel
     Cost: one read of the gathered entries and one write of the result; a
     framework tensor moves through DLPack with no copy.
     """
-    return split_many([Job(x, plan, axis, role, channels, out, also)], backend=backend)[0]
+    return split_many([Job(x, plan, axis, role, channels, out, also, factor)], backend=backend)[0]

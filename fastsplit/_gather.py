@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 import weakref
 from collections.abc import Sequence
@@ -97,6 +98,11 @@ class Job:
             by the standard deviation (root mean square for ``"direction"``)
             of the source unit's entries in ``x`` (the original columns), for
             the second step too, where two calls would measure the intermediate.
+        factor: a constant every entry of the first step's gather is multiplied
+            by, with the role's ratio power, before the offsets and draws are
+            added (1: none). A tensor whose layer rescales what it reads (the
+            query of an attention layer whose head size grows, √(k'/k)).
+            Not with merge groups (``compact_many``).
     """
 
     x: Any
@@ -106,6 +112,7 @@ class Job:
     channels: str = "last"
     out: Any = None
     also: tuple | None = None
+    factor: float = 1.0
 
 
 @dataclass
@@ -339,6 +346,11 @@ def _step(where: str, plan, axis, role, channels, shape: tuple, merge: bool, wha
 def _steps(job: Job, shape: tuple, where: str, merge: bool) -> list[_Step]:
     """The job's one or two axes, checked, in the order they apply. Writes nothing."""
     steps = [_step(where, job.plan, job.axis, job.role, job.channels, shape, merge)]
+    factor = job.factor
+    if isinstance(factor, (bool, np.bool_)) or not isinstance(factor, numbers.Real) or not math.isfinite(factor):
+        raise SplitError(f"{where}factor must be a finite real number, got {factor!r}")
+    if factor != 1 and steps[0].merging:
+        raise SplitError(f"{where}factor must be 1 for a plan with merge groups, got {factor!r}")
     also = job.also
     if also is None:
         return steps
@@ -617,6 +629,7 @@ def _prepare(job: Job, native, checked: _Checked) -> _Prepared:
         view, out_view = (outer, n, inner), (outer, s.plan.new_width, inner)
         x = xc.reshape(view)
         src, scale, add, noise, key, runs, by_source = _vectors(s, xp, x)
+        scale = scale * job.factor if job.factor != 1 else scale
         rows = None
     else:
         a, b = sorted(steps, key=lambda t: t.axis)
@@ -625,6 +638,11 @@ def _prepare(job: Job, native, checked: _Checked) -> _Prepared:
         x = xc.reshape(view)
         src, scale, add, noise, key, runs, by_source = _vectors(b, xp, x.reshape(outer * na * mid, nb, inner))
         rsrc, rscale, radd, rnoise, rkey, rruns, rby = _vectors(a, xp, x.reshape(outer, na, mid * nb * inner))
+        if job.factor != 1:  # the first step's gather (the cached vectors are not touched)
+            if a is steps[0]:
+                rscale = rscale * job.factor
+            else:
+                scale = scale * job.factor
         rows = Rows(rsrc, rscale, radd, rnoise, rkey, a is steps[0], rruns, rby)
     if out_native is not None and _writable_in_place(out_native.array):
         out = out_native.array.reshape(out_view)

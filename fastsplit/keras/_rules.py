@@ -28,7 +28,7 @@ ELEMENTWISE = {
     "linear", "relu", "relu6", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "silu", "softplus",
     "softsign", "exponential", "hard_sigmoid", "hard_silu", "hard_swish", "leaky_relu", "mish", "celu",
     "sparse_plus", "squareplus", "soft_shrink", "hard_shrink", "tanh_shrink", "hard_tanh", "threshold",
-    "log_sigmoid", "sparse_sigmoid",
+    "log_sigmoid", "sparse_sigmoid", "gelu_approximate",
 }
 
 
@@ -51,6 +51,7 @@ class Rule:
 
 
 _RULES: dict = {}
+_BY_NAME: dict = {}  # "module.QualName" -> Rule, for classes of packages fastsplit does not import
 _LOADED: list = []
 
 
@@ -88,7 +89,10 @@ def register_rule(layer_class, rule="elementwise", *, produces: bool = False, un
 
 def rule_for(obj) -> Rule | None:
     _builtins()
-    return _RULES.get(type(obj))
+    rule = _RULES.get(type(obj))
+    if rule is None and _BY_NAME:  # a class of an optional package (keras_hub), never imported here
+        rule = _BY_NAME.get(f"{type(obj).__module__}.{type(obj).__qualname__}")
+    return rule
 
 
 def _kernel(layer):
@@ -448,6 +452,9 @@ def _builtins() -> None:
     reg(opt(ops_np, *_BINARY_OPS), _merge)
     reg(opt(ops_np, *_ELEMENTWISE_OPS) + opt(ops_nn, *_ELEMENTWISE_NN) + opt(ops_core, "Cast"), _pass, unitwise=True)
     reg(opt(ops_np, "Mean", "Sum", "Max", "Min", "Amax", "Amin"), _reduce)
+    from . import _rules_attention  # EinsumDense, MultiHeadAttention, keras_hub's embeddings
+
+    _rules_attention.register(reg, lambda name, fn, **kw: _BY_NAME.__setitem__(name, Rule(fn, **kw)))
 
 
 __all__ = ["ELEMENTWISE", "Rule", "register_rule", "rule_for"]

@@ -40,6 +40,8 @@ from ._units import evaluate, new_length, same_plan
 
 #: a Use's kind -> the core role of a producing-side tensor
 _PRODUCING = {"incoming": "incoming", "bias": "bias", "state": "copy"}
+#: a slot kind -> the power of a Use's factor that its slot takes (the variable times f: gradient times 1/f)
+_SLOT_POWER = {"m1": -1, "m2": -2, "ema": 1}
 #: how messages name each kind of edit
 _VERBS = {"split": ("split", "widen"), "prune": ("compacted", "the compaction"), "merge": ("compacted", "the merge")}
 
@@ -76,6 +78,7 @@ class Step:
     plan: object
     kind: str  # incoming / bias / state / outgoing
     channels: str
+    factor: float = 1.0  # Use.factor(plan)
 
     @property
     def side(self) -> str:
@@ -94,6 +97,7 @@ class Entry:
     base: object = None  # the array the steps read when it is not ``native.array`` (prune: a folded bias)
     new_shape: tuple = ()
     value: object = None
+    factor: float = 1.0  # a constant the first kernel call multiplies the result by (Job.factor)
 
 
 # -- naming groups --------------------------------------------------------------------------------------
@@ -235,7 +239,7 @@ def _entries(graph: Graph, edit: Edit, optimizer: str, opts: list) -> tuple[list
             raise GrowthError(f"{use.path}/{use.attr} would be {verb} twice on axis {axis} with different plans")
         if use.kind == "bias":
             _check_offsets(use, p)
-        lst.append(Step(axis, p, use.kind, use.channels))
+        lst.append(Step(axis, p, use.kind, use.channels, 1.0 if use.factor is None else float(use.factor(p))))
     for lst in steps.values():
         lst.sort(key=lambda s: s.side == "consuming")  # producing axis first (noise sees the original columns)
     for var in edit.extra:
@@ -252,7 +256,8 @@ def _entries(graph: Graph, edit: Edit, optimizer: str, opts: list) -> tuple[list
     for key, var in owners.items():
         lst = steps.get(key, [])
         roles = [(s.axis, s.plan, "outgoing" if s.kind == "outgoing" else _PRODUCING[s.kind], s.channels) for s in lst]
-        entries.append(Entry(var, var, roles))
+        factor = float(np.prod([s.factor for s in lst]))
+        entries.append(Entry(var, var, roles, factor=factor))
         if not lst:
             continue  # an extra variable keeps its shape, and its slots
         for slot, slot_kind in slots.get(key, []):
@@ -269,7 +274,8 @@ def _entries(graph: Graph, edit: Edit, optimizer: str, opts: list) -> tuple[list
             else:
                 sroles = [(a, p, _optim.role(slot_kind, s.side, p), ch)
                           for (a, p, _r, ch), s in zip(roles, lst, strict=True)]
-                entries.append(Entry(slot, slot, sroles))
+                power = _SLOT_POWER.get(slot_kind, 0)  # a gradient scaled by 1/f: m1 by 1/f, m2 by 1/f²
+                entries.append(Entry(slot, slot, sroles, factor=factor ** power))
     if unknown is not None and entries and optimizer == "carry":
         _optim.warn_unknown(unknown)
     for e in entries:
@@ -452,7 +458,11 @@ def _out(arr, steps):
 
 
 def run_kernels(split: list, backend: str, run=None) -> int:
-    """Write every entry's new array into ``entry.value`` with one ``run`` call; returns 1.
+    """Write every entry's new array into ``entry.value``; returns the number of ``run`` calls.
+
+    One call, plus one for each further pair of axes of a tensor split on more than two (an
+    attention kernel ``(d_model, heads, key_dim)`` with all three growing); ``entry.factor``
+    goes to its first call.
 
     Each entry's steps read ``entry.base`` when it is set, else ``entry.native.array``. ``run`` makes the
     new arrays from a list of jobs: ``fastsplit.split_many`` when None (looked up at each call),
@@ -462,17 +472,23 @@ def run_kernels(split: list, backend: str, run=None) -> int:
     """
     if run is None:
         run = _core.split_many
-    jobs = []
-    for e in split:
-        x = e.native.array if e.base is None else e.base
-        (axis, plan, role, channels), *more = e.steps
-        also = (more[0][1], more[0][0], more[0][2], more[0][3]) if more else None
-        jobs.append(_core.Job(x, plan, axis, role, channels, _out(x, e.steps), also=also))
-    if not jobs:
-        return 0
-    for e, arr in zip(split, run(jobs, backend=backend), strict=True):
-        e.value = arr
-    return 1
+    pending = [(e, e.native.array if e.base is None else e.base, list(e.steps), e.factor) for e in split]
+    calls = 0
+    while pending:  # a tensor split on three axes or more (an attention kernel): two axes a call
+        jobs = []
+        for _e, x, steps, factor in pending:
+            (axis, plan, role, channels), *more = steps
+            also = (more[0][1], more[0][0], more[0][2], more[0][3]) if more else None
+            jobs.append(_core.Job(x, plan, axis, role, channels, _out(x, steps[:2]), also=also, factor=factor))
+        later = []
+        for (e, _x, steps, _f), arr in zip(pending, run(jobs, backend=backend), strict=True):
+            if len(steps) > 2:
+                later.append((e, arr, steps[2:], 1.0))
+            else:
+                e.value = arr
+        calls += 1
+        pending = later
+    return calls
 
 
 # -- the swap: widths, configs and shapes ------------------------------------------------------------------

@@ -149,7 +149,9 @@ class Use:
     side) or ``"outgoing"`` (consumer kernel, input axis). ``fold`` is set on an
     ``"outgoing"`` kernel that maps its input linearly to its output channels
     (Dense, Conv, ConvTranspose): ``prune`` can fold a removed unit's constant
-    value into that layer's bias through it.
+    value into that layer's bias through it. ``factor``, when set, is ``factor(plan)``: a
+    constant the tensor is multiplied by as well (``Job.factor``; the query kernel of an
+    attention layer whose head size grows takes √(k'/k)).
     """
 
     layer: Any
@@ -161,6 +163,7 @@ class Use:
     ref: Any
     channels: str = "last"
     fold: bool = False
+    factor: Any = None
     length: int = dataclasses.field(init=False, default=0)  # the axis's length before the edit
 
     def __post_init__(self):
