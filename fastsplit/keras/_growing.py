@@ -15,6 +15,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from keras import ops
+from keras.optimizers.schedules import LearningRateSchedule
+from keras.saving import serialize_keras_object
 
 from ..compact import CompactPlan
 from ..plan import SYMMETRIES
@@ -43,12 +46,75 @@ def _print(msg):
     io_utils.print_msg(msg)
 
 
+class _Rewarm:
+    """The learning rate after a growth event: a linear ramp from 0 back to its value over ``steps`` steps.
+
+    A float learning rate (a variable) is assigned before each step of the ramp and given back at its
+    end; a ``LearningRateSchedule`` is wrapped in :class:`RewarmSchedule`, which multiplies it by the
+    ramp inside the step (the traced step is rebuilt by the event anyway), and unwrapped at the end.
+    """
+
+    def __init__(self, opt, steps, base, begin):
+        self.opt, self.steps, self.base, self.begin = opt, steps, base, begin
+
+    @classmethod
+    def start(cls, model, steps, running):
+        opt = model.optimizer
+        begin = int(np.asarray(opt.iterations))
+        if running is not None:  # a new event during a ramp: ramp again from the same base
+            running.finish(model)
+        lr = opt._learning_rate
+        if isinstance(lr, LearningRateSchedule):
+            opt.learning_rate = RewarmSchedule(lr, begin, steps)
+            return cls(opt, steps, lr, begin)
+        if not hasattr(lr, "assign"):
+            raise GrowthError(f"rewarm_steps needs a float learning rate or a LearningRateSchedule, got {lr!r}")
+        return cls(opt, steps, float(np.asarray(lr)), begin)
+
+    def step(self, model) -> bool:
+        """Before a training step: set this step's rate; True once the ramp is over (and undone)."""
+        done = int(np.asarray(self.opt.iterations)) - self.begin
+        if done >= self.steps:
+            self.finish(model)
+            return True
+        if not isinstance(self.base, float):
+            return False  # the schedule wrapper ramps inside the step
+        from ._surgery import sync_jax
+
+        sync_jax(model)  # the next step then reads its state, this rate included, from the variables
+        self.opt._learning_rate.assign(self.base * (done + 1) / self.steps)
+        return False
+
+    def finish(self, model):
+        from ._surgery import sync_jax
+
+        sync_jax(model)
+        if isinstance(self.base, float):
+            self.opt._learning_rate.assign(self.base)
+        else:
+            self.opt.learning_rate = self.base
+
+
+class RewarmSchedule(LearningRateSchedule):
+    """``base(step) * min(1, (step - begin + 1) / steps)``: a schedule ramped back up after a growth event."""
+
+    def __init__(self, base, begin, steps):
+        self.base, self.begin, self.steps = base, int(begin), int(steps)
+
+    def __call__(self, step):
+        ramp = ops.clip((ops.cast(step, "float32") - self.begin + 1.0) / self.steps, 0.0, 1.0)
+        return self.base(step) * ramp
+
+    def get_config(self):
+        return {"base": serialize_keras_object(self.base), "begin": self.begin, "steps": self.steps}
+
+
 class GrowthCallback(PlateauMonitor):
     """Base of :class:`SplitOnPlateau` and :class:`SplitEvery` (private); the arguments are theirs."""
 
     def __init__(self, *, monitor, mode, min_delta, start_from_epoch, layers, select, score, symmetry, eps,
                  max_units, max_params, stop_when_grown, restore_best_weights, verbose, probe, seed, backup_dir,
-                 prune_dead=False, prune_data=None):  # fmt: skip
+                 prune_dead=False, prune_data=None, rewarm_steps=0):  # fmt: skip
         super().__init__(monitor=monitor, mode=mode, min_delta=min_delta, start_from_epoch=start_from_epoch)
         self.layers = check_layer_names(layers)
         self.select = select
@@ -76,6 +142,7 @@ class GrowthCallback(PlateauMonitor):
                 "training inputs) or probe=...; got prune_data=None and probe=None"
             )
         self.prune_data = prune_data
+        self.rewarm_steps = check_int("rewarm_steps", rewarm_steps, 0)
         self._probe = probe
         self._resumed = None
         self._reset()
@@ -90,6 +157,8 @@ class GrowthCallback(PlateauMonitor):
         self.event_kinds = []
         self._plans = []  # per event: layer name -> SplitPlan or CompactPlan (replayed onto best weights)
         self.last_added = self.last_pruned = 0
+        self._added_in_epoch = 0
+        self._rewarm = None
 
     def _state(self, epoch):
         return {"epoch": epoch + 1, **self.plateau_state(), "widths": self.widths(),
@@ -185,6 +254,7 @@ class GrowthCallback(PlateauMonitor):
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
         self.last_added = self.last_pruned = 0
+        self._added_in_epoch = 0
         if _budget.ranks_units(self._rule, self.max_units, self.max_params):
             self._score.begin_epoch(self._layer_objs())
 
@@ -303,11 +373,18 @@ class GrowthCallback(PlateauMonitor):
         self._record(epoch, event, "split", plans)
         after = self.widths()
         self.last_added = sum(after.values()) - sum(before.values())
+        self._added_in_epoch += self.last_added
+        if self.rewarm_steps:
+            self._rewarm = _Rewarm.start(self.model, self.rewarm_steps, self._rewarm)
         if self.verbose > 0:
             grew = ", ".join(f"{n} {before[n]} → {after[n]}" for n in plans)
             _print(f"\nEpoch {epoch + 1}: {type(self).__name__} split {grew} units; "
                    f"params {params_before:,} → {self.model.count_params():,}{self._shown(value)}")  # fmt: skip
         return event
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._rewarm is not None and self._rewarm.step(self.model):
+            self._rewarm = None
 
     def _record(self, epoch, event, kind, plans):
         self.events.append(event)
@@ -333,6 +410,12 @@ class GrowthCallback(PlateauMonitor):
             logs["pruned"] = int(self.last_pruned)
         if self.backup_dir is not None:
             save_state(self.backup_dir, epoch, self._state(epoch))
+
+    def _sync(self):
+        """Inside a JAX ``fit`` between two batches the live values are in the trainer's state: into the variables."""
+        from ._surgery import sync_jax
+
+        sync_jax(self.model)
 
     def _stop(self, epoch):
         self.stopped_epoch = max(epoch, 1)

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._args import check_int
+from ._errors import GrowthError
 from ._growing import GrowthCallback
 
 
 class SplitEvery(GrowthCallback):
-    """Widen the model in place every ``epochs`` epochs.
+    """Widen the model in place every ``epochs`` epochs, or every ``steps`` training steps.
 
     At the end of epoch ``start_from_epoch + epochs - 1`` and every ``epochs``
     epochs after it, the chosen units of every growing layer are split into two
     copies (:func:`fastsplit.keras.widen`, optimizer state carried), and training
-    goes on in the same ``fit`` call. Everything else is as in
+    goes on in the same ``fit`` call. With ``steps`` instead, the split happens
+    after every ``steps``-th optimizer step (``optimizer.iterations``), in the
+    middle of an epoch if it falls there: for runs whose epochs are long, or
+    schedules stated in steps. Everything else is as in
     :class:`SplitOnPlateau`, whose arguments these are.
 
     Args:
-        epochs: the period, in epochs (>= 1).
+        epochs: the period, in epochs (>= 1); give this or ``steps``.
+        steps: the period, in training steps (>= 1); give this or ``epochs``.
+            The epoch's logs then hold ``split``, the units added during it.
         start_from_epoch: epochs before the schedule starts.
+        rewarm_steps: as in :class:`SplitOnPlateau`.
         layers, select, score, symmetry, max_units, max_params, eps, probe,
             seed, backup_dir, prune_dead, prune_data, verbose: as in
             :class:`SplitOnPlateau` (with ``prune_dead``, dead units are
@@ -34,9 +43,11 @@ class SplitEvery(GrowthCallback):
     Cost: as :class:`SplitOnPlateau`.
     """
 
+    _epoch = 0
+
     def __init__(
         self,
-        epochs,
+        epochs=None,
         start_from_epoch=0,
         layers=None,
         select="all",
@@ -57,8 +68,14 @@ class SplitEvery(GrowthCallback):
         backup_dir=None,
         prune_dead=False,
         prune_data=None,
+        steps=None,
+        rewarm_steps=0,
     ):
-        self.epochs = check_int("epochs", epochs, 1)
+        if (epochs is None) == (steps is None):
+            raise GrowthError(f"SplitEvery needs exactly one of epochs= and steps=, got epochs={epochs!r}, "
+                              f"steps={steps!r}")
+        self.epochs = None if epochs is None else check_int("epochs", epochs, 1)
+        self.steps = None if steps is None else check_int("steps", steps, 1)
         super().__init__(
             monitor=monitor,
             mode=mode,
@@ -79,6 +96,7 @@ class SplitEvery(GrowthCallback):
             backup_dir=backup_dir,
             prune_dead=prune_dead,
             prune_data=prune_data,
+            rewarm_steps=rewarm_steps,
         )
 
     def _check_monitor(self, model):
@@ -97,10 +115,20 @@ class SplitEvery(GrowthCallback):
             current = self._monitor_value(logs)
             if current is not None:
                 self._track_best(epoch, current)
-        added = 0
-        if epoch >= self.start_from_epoch and (epoch + 1 - self.start_from_epoch) % self.epochs == 0:
-            if self.grow(epoch, logs, current) is not None:
-                added = self.last_added
-            elif self.stop_when_grown:
+        if self.epochs is not None and epoch >= self.start_from_epoch and \
+                (epoch + 1 - self.start_from_epoch) % self.epochs == 0:
+            if self.grow(epoch, logs, current) is None and self.stop_when_grown:
                 self._stop(epoch)
-        self._log(epoch, logs, added)
+        self._log(epoch, logs, self._added_in_epoch)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.steps is None or self._epoch < self.start_from_epoch:
+            return
+        if int(np.asarray(self.model.optimizer.iterations)) % self.steps == 0:
+            self._sync()
+            if self.grow(self._epoch, logs) is None and self.stop_when_grown:
+                self._stop(self._epoch)

@@ -98,6 +98,10 @@ class SplitOnPlateau(GrowthCallback):
             ``(x, y)`` numpy arrays, e.g. the training inputs (a unit dead on a
             small sample may fire on other inputs). Default: ``probe``.
             ``prune_dead=True`` without either raises ``GrowthError``.
+        rewarm_steps: after each split, the learning rate climbs linearly from
+            0 back to its value over this many steps (default 0: none). A float
+            rate is assigned step by step and given back at the end; a
+            ``LearningRateSchedule`` is multiplied by the ramp, then unwrapped.
 
     Attributes:
         events: one ``GrowthEvent`` per growth event, in order; with
@@ -154,6 +158,7 @@ class SplitOnPlateau(GrowthCallback):
         backup_dir=None,
         prune_dead=False,
         prune_data=None,
+        rewarm_steps=0,
     ):
         super().__init__(
             monitor=monitor,
@@ -175,6 +180,7 @@ class SplitOnPlateau(GrowthCallback):
             backup_dir=backup_dir,
             prune_dead=prune_dead,
             prune_data=prune_data,
+            rewarm_steps=rewarm_steps,
         )
         self.patience = check_int("patience", patience, 0)
         self.cooldown = check_int("cooldown", cooldown, 0)
@@ -185,7 +191,6 @@ class SplitOnPlateau(GrowthCallback):
     def on_epoch_end(self, epoch, logs=None):
         logs = {} if logs is None else logs
         current = self._monitor_value(logs)
-        added = 0
         # an epoch that ran no validation (validation_freq > 1) counts for nothing, as in EarlyStopping
         if current is not None and epoch >= self.start_from_epoch:
             cooling = self.in_cooldown()  # this epoch is one of the `cooldown` epochs after a growth event
@@ -198,9 +203,8 @@ class SplitOnPlateau(GrowthCallback):
                 self.wait += 1
                 if self.wait >= self.patience and epoch > 0:
                     if self.grow(epoch, logs, current) is not None:
-                        added = self.last_added
                         self.wait = 0
                         self.cooldown_counter = self.cooldown
                     elif self.stop_when_grown:
                         self._stop(epoch)
-        self._log(epoch, logs, added)
+        self._log(epoch, logs, self._added_in_epoch)
