@@ -57,6 +57,44 @@ def _traceable(layer) -> bool:
     return isinstance(layer, keras.layers.Layer) and not module.startswith(("keras.src.layers", "keras.layers"))
 
 
+class _recorded_constant_calls:
+    """While a layer is traced, its sublayers called on constants only (``pos_emb(ops.arange(n))``, as in the
+    keras.io ``TokenAndPositionEmbedding``) are recorded as graph nodes with no input tensor, not run: their
+    output then depends on their weights, which a split may change."""
+
+    def __init__(self, sublayers):
+        self.sublayers = [s for s in sublayers if getattr(s, "built", False)]
+
+    def __enter__(self):
+        from keras.src.backend import any_symbolic_tensors
+        from keras.src.ops.node import Node
+
+        def wrap(sub, plain):
+            inside = []
+
+            def call(*args, **kwargs):
+                if inside or any_symbolic_tensors(args, kwargs):
+                    return plain(*args, **kwargs)
+                inside.append(True)
+                try:
+                    outputs = sub.compute_output_spec(*args, **kwargs)
+                    Node(operation=sub, call_args=args, call_kwargs=kwargs, outputs=outputs)
+                    return outputs
+                finally:
+                    inside.pop()
+
+            return call
+
+        for sub in self.sublayers:
+            vars(sub)["call"] = wrap(sub, sub.call)
+        return self
+
+    def __exit__(self, *exc):
+        for sub in self.sublayers:
+            vars(sub).pop("call", None)
+        return False
+
+
 def _act_name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
@@ -156,8 +194,8 @@ class Graph:
 
     def _add_node(self, node, prefix):
         layer = node.operation
-        if type(layer).__name__ == "InputLayer" or getattr(node, "is_input", False):
-            return
+        if type(layer).__name__ == "InputLayer" or (getattr(node, "is_input", False) and not layer.weights):
+            return  # a layer with weights called on constants only is kept (_recorded_constant_calls)
         path = prefix + layer.name
         self.layer_paths.setdefault(id(layer), path)
         ins = [self._add_tensor(t) for t in node.input_tensors]
@@ -191,7 +229,8 @@ class Graph:
         touched = [layer, *layer._flatten_layers(include_self=False, recursive=True)]
         saved = [(lay, len(lay._inbound_nodes), len(lay._outbound_nodes)) for lay in touched]
         try:
-            result = layer.call(*args, **kwargs)
+            with _recorded_constant_calls(touched[1:]):
+                result = layer.call(*args, **kwargs)
             outs = result if isinstance(result, (list, tuple)) else [result]
             if len(outs) != len(op.outputs) or not all(isinstance(t, KerasTensor) for t in outs):
                 raise GrowthError("its call returned something other than its output tensors")
