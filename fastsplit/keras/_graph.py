@@ -401,8 +401,8 @@ class Graph:
                     self.refusals.setdefault(g, []).append(why)
         return None
 
-    def produce(self, op, width, kernel, kernel_axis: int, bias, attr: str, *, axis: int = -1,
-                refused: str | None = None, dim: str | None = None) -> Label:
+    def produce(self, op, width, kernel, kernel_axis: int, bias, attr: str | None, *, axis: int = -1,
+                refused: str | None = None, dim: str | None = None, bias_axis: int = 0) -> Label:
         """``op``'s layer makes ``width`` units of its own on ``axis`` of its output: a new group.
 
         ``kernel``'s axis ``kernel_axis`` is copied (role incoming), ``bias`` too (with the
@@ -410,6 +410,8 @@ class Graph:
         several times (shared) is one group. ``refused`` lists it with that reason. A layer with
         more than one growable dimension names each (``dim``, e.g. ``"heads"``): the group is then
         called ``path/dim`` wherever groups are named (``coupled_groups``, ``widen``, ``layers=``).
+        ``bias_axis`` is the bias's unit axis (a GRU's ``(2, 3 * units)`` bias: -1); ``attr=None``
+        records no config attribute (the rule records its own with ``config``).
         """
         layer, path = op.layer, op.path
         name = path if dim is None else f"{path}/{dim}"
@@ -428,12 +430,19 @@ class Graph:
                 self.refusals.setdefault(g, []).append(f"layer {path!r} uses LoRA or quantization")
             self.uses.append(Use(layer, path, "kernel", kernel, kernel_axis, "incoming", ref))
             if bias is not None:
-                self.uses.append(Use(layer, path, "bias", bias, 0, "bias", ref))  # _place_offsets may move it
-            self.config(layer, attr, ref)
+                self.uses.append(Use(layer, path, "bias", bias, bias_axis, "bias", ref))  # _place_offsets may move it
+            if attr is not None:
+                self.config(layer, attr, ref)
         ref = GroupRef(g, self.group_width[g])
         rank = len(self.out_shape(op))
         self._touch(ref, path, layer)
         return Label(ref, Units(axis % rank, rank))
+
+    def incoming(self, op, label: Label, var, axis: int, attr: str) -> None:
+        """Another weight of ``op``'s producing layer makes the units of ``label`` (the label ``produce``
+        returned): its axis ``axis`` is split like the kernel's (role incoming; a recurrent kernel)."""
+        self.uses.append(Use(op.layer, op.path, attr, var, axis, "incoming", label.ref))
+        self._touch(label.ref, op.path, op.layer)
 
     def consume(self, op, label: Label, var, axis: int, *, attr: str = "kernel", fold: bool = True) -> None:
         """``var``'s axis ``axis`` reads the units of ``label`` (role outgoing: rows scaled by the ratios)."""

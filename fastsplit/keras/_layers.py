@@ -41,12 +41,16 @@ def check_layer_names(layers):
 
 
 def width_of(layer) -> int:
-    """The unit count of a Dense/Conv layer (its kernel's last axis)."""
+    """The unit count of a Dense/Conv layer (its kernel's last axis) or a recurrent layer (its ``units``)."""
+    cell = getattr(layer, "cell", None)
+    if cell is not None:
+        return int(cell.units)
     return int(layer.kernel.shape[-1])
 
 
-#: the producers whose kernel's last axis holds their units, which the scores and widths here assume
-_SCORED = ("Dense", "Conv1D", "Conv2D", "Conv3D")
+#: the producers whose kernel's last axis holds their units (a recurrent layer's: one block per gate),
+#: which the scores and widths here assume
+_SCORED = ("Dense", "Conv1D", "Conv2D", "Conv3D", "LSTM", "GRU", "SimpleRNN")
 
 
 def _unscored(model, group) -> str | None:
@@ -59,7 +63,7 @@ def _unscored(model, group) -> str | None:
     for path in group.producers:
         layer = layers.get(path.rsplit("/", 1)[-1])
         if (layer is None or type(layer).__name__ not in _SCORED or getattr(layer, "groups", 1) != 1
-                or int(layer.kernel.shape[-1]) != int(group.width)):
+                or width_of(layer) != int(group.width)):
             kind = "?" if layer is None else type(layer).__name__
             return (f"the growth callbacks rank and count units of Dense/Conv layers whose kernel's last axis "
                     f"holds them; {path!r} ({kind}, {group.width} units) can be split with fastsplit.keras.widen")

@@ -10,7 +10,7 @@ out), or refuses with a reason. The library's own layers are registered here
 with the same public :func:`register_rule` that users call for their layers.
 
 The ``walk`` methods a rule may call: ``produce``, ``consume``, ``state``,
-``merge``, ``refuse``, ``uniform``, ``config``, ``regroup``, ``in_shape``,
+``incoming``, ``merge``, ``refuse``, ``uniform``, ``config``, ``regroup``, ``in_shape``,
 ``out_shape``, ``channel_axis`` and ``width_of`` (see ``Graph``).
 """
 
@@ -452,6 +452,9 @@ def _builtins() -> None:
     reg(opt(ops_np, *_BINARY_OPS), _merge)
     reg(opt(ops_np, *_ELEMENTWISE_OPS) + opt(ops_nn, *_ELEMENTWISE_NN) + opt(ops_core, "Cast"), _pass, unitwise=True)
     reg(opt(ops_np, "Mean", "Sum", "Max", "Min", "Amax", "Amin"), _reduce)
+    from . import _rules_rnn  # LSTM, GRU, SimpleRNN, Bidirectional, Embedding
+
+    _rules_rnn.register(reg)
     from . import _rules_attention  # EinsumDense, MultiHeadAttention, keras_hub's embeddings
 
     _rules_attention.register(reg, lambda name, fn, **kw: _BY_NAME.__setitem__(name, Rule(fn, **kw)))

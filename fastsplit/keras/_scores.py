@@ -56,8 +56,18 @@ def _split_probe(probe):
 
 
 def kernel_of(layer):
-    """The layer's kernel variable (Dense, ConvND): units on the last axis."""
-    return layer.kernel
+    """The layer's kernel variable (Dense, ConvND; a recurrent layer's input kernel): units on the last axis
+    (a recurrent layer's in one block per gate, read by :func:`_by_unit`)."""
+    cell = getattr(layer, "cell", None)
+    return layer.kernel if cell is None else cell.kernel
+
+
+def _by_unit(a: np.ndarray, layer) -> np.ndarray:
+    """``a`` with its last axis of ``gates * units`` entries read as ``(..., gates, units)`` and flattened to
+    ``(-1, units)``: the rows of each unit (one gate block after the other for a recurrent layer)."""
+    cell = getattr(layer, "cell", None)
+    units = a.shape[-1] if cell is None else int(cell.units)
+    return a.reshape(-1, units)
 
 
 def _numpy(x) -> np.ndarray:
@@ -66,9 +76,9 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def _per_unit_norm(a: np.ndarray) -> np.ndarray:
+def _per_unit_norm(a: np.ndarray, layer=None) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
-    return np.sqrt(np.sum(a.reshape(-1, a.shape[-1]) ** 2, axis=0))
+    return np.sqrt(np.sum(_by_unit(a, layer) ** 2, axis=0))
 
 
 class Score:
@@ -125,8 +135,8 @@ class ChangeScore(Score):
         start = self._start.get(layer.name)
         if start is None or start.shape != now.shape:
             # no snapshot of this shape (the first epoch of a resumed run): rank by weight norm
-            return _per_unit_norm(now)
-        return _per_unit_norm(now.astype(np.float64) - start.astype(np.float64))
+            return _per_unit_norm(now, layer)
+        return _per_unit_norm(now.astype(np.float64) - start.astype(np.float64), layer)
 
 
 class OptimizerScore(Score):
@@ -156,9 +166,9 @@ class OptimizerScore(Score):
             slots = getattr(opt, attr, None)
             if slots:
                 v = _numpy(slots[opt._get_variable_index(var)])
-                return np.sum(np.abs(v.astype(np.float64)).reshape(-1, v.shape[-1]), axis=0)
+                return np.sum(_by_unit(np.abs(v.astype(np.float64)), layer), axis=0)
         # optimizer not built yet (no step taken): nothing learned, every unit equal
-        return np.zeros(var.shape[-1])
+        return np.zeros(_by_unit(np.zeros(var.shape[-1]), layer).shape[-1])
 
 
 #: optimizer class -> slot attribute names it creates in build()
@@ -183,7 +193,7 @@ class GradientScore(Score):
     def __call__(self, layer, model):
         x, y = _split_probe(self.probe)
         (g,) = gradients(model, [kernel_of(layer)], x, y)
-        return _per_unit_norm(g)
+        return _per_unit_norm(g, layer)
 
 
 class ActivationScore(Score):

@@ -32,7 +32,8 @@ def _custom():
 
 
 def _lstm():
-    return _sequence_model(lambda h: L.LSTM(3, name="lstm")(h))
+    """An LSTM that returns its states (return_state=True): its input units are not followed there."""
+    return _sequence_model(lambda h: L.LSTM(3, return_state=True, name="lstm")(h)[0])
 
 
 def _attention():
