@@ -412,7 +412,8 @@ def _vectors(step: _Step, xp, x3) -> tuple:
             coef = moved = plan.is_copy
         units = np.unique(plan.src[moved])
         size = np.zeros(plan.width)
-        size[units] = _column_std(xp, x3, units, rms=plan.symmetry == "direction")
+        known = getattr(plan, "unit_size", None)  # a shard's plan: each unit measured over all its shards
+        size[units] = _column_std(xp, x3, units, rms=plan.symmetry == "direction") if known is None else known[units]
         noise = np.where(moved, plan.sigma * coef * size[plan.src], 0.0)
     return (np.asarray(plan.src), _role_scale(plan, step.role), add, noise, derived["key"], derived["runs"],
             by_source)

@@ -63,6 +63,12 @@ class GrowthEvent:
         kind: ``"split"`` (:func:`~fastsplit.keras.widen`), ``"prune"``
             (:func:`~fastsplit.keras.prune`; ``LayerGrowth.neurons`` lists the
             removed units) or ``"merge"`` (:func:`~fastsplit.keras.merge_twins`).
+        transfers: for variables on several JAX devices (``keras.distribution``),
+            ``{device: {"received": bytes, "ideal": bytes, "gather": bytes}}``:
+            the bytes each device received from other devices during the event,
+            the least it could have (the source units of its new shards that it
+            did not hold) and what gathering every whole old tensor on it would
+            have brought. Empty for single-device models.
     """
 
     layers: dict = dataclasses.field(default_factory=dict)
@@ -78,6 +84,7 @@ class GrowthEvent:
     bytes_new: int = 0
     split_calls: int = 0
     kind: str = "split"
+    transfers: dict = dataclasses.field(default_factory=dict)
 
     @property
     def neurons_split(self) -> int:
@@ -174,6 +181,12 @@ def check_event_dict(d, where: str = "event") -> None:
     _check_int(d, "iteration", where, optional=True)
     for key in ("symmetry", "optimizer", "backend", "keras_backend", "kind"):
         _check_str(d, key, where)
+    transfers = d.get("transfers", {})
+    if not isinstance(transfers, dict) or not all(
+        isinstance(k, str) and isinstance(t, dict) and all(_is_int(n) and n >= 0 for n in t.values())
+        for k, t in transfers.items()
+    ):
+        raise _bad(f"{where}['transfers']", "a dict device -> {what: bytes} (non-negative integers)", transfers)
     times = d.get("times", {})
     if not isinstance(times, dict) or not all(
         isinstance(k, str) and isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t)

@@ -28,10 +28,10 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from .. import _core, interop
+from .. import _core
 from .._core import aligned_empty
 from .._errors import SplitError
-from . import _history, _optim, _vars
+from . import _history, _optim, _shards, _vars
 from ._errors import GrowthError
 from ._event import GrowthEvent, LayerGrowth
 from ._graph import Graph
@@ -209,7 +209,7 @@ def backend_used(backend: str, model=None) -> str:
     device = ("cpu", 0)
     for w in [] if model is None or backend != "auto" else model.weights:
         try:
-            device = interop.export(_vars.value_of(w)).device
+            device = _vars.export(w).device
             break
         except SplitError:  # a variable of a kind the kernels never see (integer state): ask the next
             continue
@@ -321,15 +321,18 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
     t = time.perf_counter()
     for e in entries:
         if e.source is not None:
-            e.native = interop.export(_vars.value_of(e.source))
+            e.native = _vars.export(e.source, shards=edit.kind == "split")  # a sharded JAX value: _shards
     if edit.prepare is not None:
         edit.prepare(entries)
     times["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
     split = [e for e in entries if e.source is not None and e.steps]
+    transfers: dict = {}
+    shards = _shards.Expansion(split, edit.run, transfers)  # one job per output shard of a sharded value
     try:
-        calls = run_kernels(split, backend, run=edit.run)
+        calls = run_kernels(shards.entries, backend, run=shards.run)
+        shards.finish()
     except SplitError as exc:
         raise SplitError(f"{name} failed before changing the model: {exc}") from exc
     for e in entries:
@@ -340,7 +343,7 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
     t = time.perf_counter()
     for e in entries:
         if e.source is not None:
-            e.value = interop.import_(e.value, e.native)
+            e.value = _vars.import_(e.value, e.native, e.new_shape)
             e.native = e.base = None
         else:
             e.value = _vars.full(e.target, e.new_shape, e.target.dtype, e.fill)
@@ -399,6 +402,7 @@ def apply(model, graph: Graph, edit: Edit, *, optimizer: str, backend: str, t0: 
             tensors=len(entries),
             bytes_new=int(sum(int(np.prod(e.new_shape)) * _itemsize(e.target) for e in entries)),
             split_calls=calls,
+            transfers=transfers,
             kind=edit.kind,
         )
         for i, (g, p) in enumerate(sorted(edit.plans.items())):

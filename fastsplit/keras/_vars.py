@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import keras
 
+from .. import interop
 from ._errors import GrowthError
 
 
@@ -77,7 +78,8 @@ def value_of(var):
     """The framework tensor to export (TensorFlow: the tf.Variable's read value is taken by interop).
 
     A JAX array replicated over several devices (``keras.distribution.DataParallel``)
-    exports its first shard, which holds the whole value; a sharded one is refused.
+    exports its first shard, which holds the whole value; a sharded one is refused
+    (prune and merge; ``widen`` reads it through :func:`export`).
     """
     b = backend_name()
     if b == "tensorflow":
@@ -86,11 +88,29 @@ def value_of(var):
     if b == "jax" and len(value.devices()) > 1:
         if not value.sharding.is_fully_replicated:
             raise GrowthError(
-                f"variable {var.path} is sharded over {len(value.devices())} devices; fastsplit widens "
-                "replicated (data-parallel) variables only"
+                f"variable {var.path} is sharded over {len(value.devices())} devices ({value.sharding.spec}); "
+                "fastsplit widens sharded variables but does not prune or merge them yet"
             )
         return value.addressable_shards[0].data
     return value
+
+
+def export(var, shards: bool = True):
+    """``var``'s value as the surgery reads it: an ``interop.Native``, or with ``shards`` a
+    ``_shards.Sharded`` for a JAX array on several devices (split shard by shard, each on its device)."""
+    if shards and backend_name() == "jax":
+        from . import _shards
+
+        if _shards.on_devices(var.value):
+            return _shards.Sharded(var.path, var.value)
+    return interop.export(value_of(var))
+
+
+def import_(value, native, new_shape: tuple):
+    """The framework tensor of a kernel result ``value`` exported as ``native`` (see :func:`export`)."""
+    if not isinstance(native, interop.Native):
+        return native.import_(value, new_shape)  # a _shards.Sharded
+    return interop.import_(value, native)
 
 
 def retrack(model) -> None:
@@ -103,5 +123,11 @@ def retrack(model) -> None:
 
 
 def full(var_or_shape, shape, dtype, fill: float):
-    """A framework tensor of ``shape`` filled with ``fill`` (fresh optimizer slots)."""
+    """A framework tensor of ``shape`` filled with ``fill`` (fresh optimizer slots); a JAX variable on several
+    devices gets it with its own sharding, each device making its shard."""
+    if backend_name() == "jax" and hasattr(var_or_shape, "value"):
+        from . import _shards
+
+        if _shards.on_devices(var_or_shape.value):
+            return _shards.fill(var_or_shape.value, shape, keras.backend.standardize_dtype(dtype), fill)
     return keras.ops.convert_to_tensor(keras.ops.full(shape, fill, dtype=dtype))
