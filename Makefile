@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed-test
 CMAKE_CUDA_ARCHITECTURES ?= 80;90
 # Keras is tested on all three of its backends; torch is pinned to a CPU build where one is at hand.
 KERAS_BACKENDS_SPEC ?= jax torch==2.13.0
+KERAS_HUB_SPEC ?= keras-hub==0.32.0 regex tokenizers
 
 .PHONY: demo test bench kernels lint clean
 
@@ -13,6 +14,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]" $(KERAS_BACKENDS_SPEC)
+	# keras_hub for the transformer tests only, without its dependencies: they would pull the full tensorflow
+	# and tensorflow-text next to tensorflow-cpu. regex and tokenizers are what it needs to import and build
+	# backbones (keras-hub 0.32 needs Python >= 3.11; without it those tests skip).
+	$(PY) -m pip install -q --no-deps $(KERAS_HUB_SPEC) || echo "keras_hub not installed: tests/keras/test_keras_hub.py skips its backbones"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -46,7 +46,10 @@ def _is_graph_model(layer) -> bool:
     from ._history import GrownFunctional, GrownSequential
 
     seq, fn = _model_classes()
-    return type(layer) in (seq, fn, GrownFunctional, GrownSequential)
+    if type(layer) in (seq, fn, GrownFunctional, GrownSequential):
+        return True
+    # a Functional subclass that keeps Functional's call (keras_hub backbones): its graph is the model
+    return isinstance(layer, fn) and not isinstance(layer, seq) and type(layer).call is fn.call
 
 
 def _traceable(layer) -> bool:
@@ -60,7 +63,9 @@ def _traceable(layer) -> bool:
 class _recorded_constant_calls:
     """While a layer is traced, its sublayers called on constants only (``pos_emb(ops.arange(n))``, as in the
     keras.io ``TokenAndPositionEmbedding``) are recorded as graph nodes with no input tensor, not run: their
-    output then depends on their weights, which a split may change."""
+    output then depends on their weights, which a split may change. A sublayer whose ``compute_output_spec``
+    does not take an argument of its ``call`` (keras_hub's ``CachedMultiHeadAttention(cache=None)``) gets the
+    others."""
 
     def __init__(self, sublayers):
         self.sublayers = [s for s in sublayers if getattr(s, "built", False)]
@@ -85,14 +90,32 @@ class _recorded_constant_calls:
 
             return call
 
+        def spec(plain):
+            import inspect
+
+            params = inspect.signature(plain).parameters
+            if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+                return plain
+
+            def compute_output_spec(*args, **kwargs):  # a subclass's extra call arguments left at None
+                return plain(*args, **{k: v for k, v in kwargs.items() if k in params or v is not None})
+
+            return compute_output_spec
+
         for sub in self.sublayers:
             vars(sub)["call"] = wrap(sub, sub.call)
+            vars(sub)["compute_output_spec"] = spec(sub.compute_output_spec)
         return self
 
     def __exit__(self, *exc):
         for sub in self.sublayers:
             vars(sub).pop("call", None)
+            vars(sub).pop("compute_output_spec", None)
         return False
+
+
+#: the length a traced call sees for an unknown axis (batch, sequence), when it cannot be traced without one
+_STAND_IN = 7
 
 
 def _act_name(fn) -> str:
@@ -215,14 +238,29 @@ class Graph:
                 return
             except Exception as exc:  # noqa: BLE001 - any failure of a user's call means "cannot look into it"
                 self.opaque[id(op)] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if any(None in tuple(kt.shape)[1:] for kt in node.input_tensors):
+                try:  # a call that needs its batch and sequence lengths (a causal mask): traced at stand-ins
+                    self._trace(op, unknown=_STAND_IN)
+                    del self.opaque[id(op)]
+                    return
+                except Exception:  # noqa: BLE001, S110 - the first failure is the one reported
+                    pass
         self.ops.append(op)
 
-    def _trace(self, op):
-        """Inline a user's layer: call its ``call`` on fresh symbolic inputs and add the nodes it records."""
+    def _trace(self, op, unknown=None):
+        """Inline a user's layer: call its ``call`` on fresh symbolic inputs and add the nodes it records.
+
+        ``unknown``: the length given to unknown axes, the batch's too (None: left unknown).
+        """
         from keras import KerasTensor
 
         layer, node = op.layer, op.node
-        fresh = {id(kt): KerasTensor(kt.shape, dtype=kt.dtype) for kt in node.input_tensors}
+
+        def shape(kt):
+            dims = tuple(kt.shape)
+            return dims if unknown is None else tuple(unknown if d is None else d for d in dims)
+
+        fresh = {id(kt): KerasTensor(shape(kt), dtype=kt.dtype) for kt in node.input_tensors}
         args, kwargs = node.arguments.fill_in(fresh)
         if getattr(layer, "_call_has_training_arg", False):
             kwargs["training"] = False

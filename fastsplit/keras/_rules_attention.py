@@ -304,6 +304,25 @@ def _position_embedding(walk, op, labels):
     return walk.produce(op, layer.position_embeddings.shape[-1], layer.position_embeddings, -1, None, None, axis=-1)
 
 
+def _get_item(walk, op, labels):
+    """``x[:, 0, :]`` (BERT's pooled token): indexing that keeps the unit axis whole passes the units on."""
+    lab = labels[0]
+    key = op.node.arguments.args[1] if len(op.node.arguments.args) > 1 else None
+    key = key if isinstance(key, tuple) else (key,)
+    rank, u = lab.units.rank, lab.units.axis
+    if sum(k is Ellipsis for k in key) > 1 or any(k is None for k in key):
+        return walk.refuse(lab, f"{op.path!r} indexes the split units in a way fastsplit does not read")
+    if Ellipsis in key:
+        e = key.index(Ellipsis)
+        key = key[:e] + (slice(None),) * (rank - len(key) + 1) + key[e + 1:]
+    key = key + (slice(None),) * (rank - len(key))
+    if not (isinstance(key[u], slice) and key[u] == slice(None)):
+        return walk.refuse(lab, f"{op.path!r} indexes the axis that holds the split units")
+    axis = sum(1 for k in key[:u] if isinstance(k, slice))
+    return Label(lab.ref, Units(axis, sum(1 for k in key if isinstance(k, slice)), lab.units.positions,
+                                lab.units.channels))
+
+
 def _refuse_gqa(walk, op, labels):
     why = (f"layer {op.path!r} ({type(op.layer).__name__}) shares each key/value head among several query heads; "
            "fastsplit does not grow grouped-query attention (a query head's copy would need its own key/value "
@@ -330,6 +349,9 @@ def register(reg, reg_by_name) -> None:
     reg([L.MultiHeadAttention], _attention, produces=True)
     reg([getattr(L, "GroupQueryAttention", None)], _refuse_gqa, produces=True)
     reg([getattr(L, "ReversibleEmbedding", None)], _reversible_embedding, produces=True)
+    from keras.src.ops import numpy as ops_np
+
+    reg([ops_np.GetItem], _get_item)
     for name, fn in _KERAS_HUB.items():
         reg_by_name(name, fn, produces=True)
 

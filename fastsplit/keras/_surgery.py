@@ -570,6 +570,9 @@ def _update_user_configs(graph: Graph, plans: dict, setattr_undo, done: set) -> 
         except NotImplementedError:
             continue
         for key, value in config.items():
+            prop = getattr(type(layer), key, None)
+            if isinstance(prop, property) and prop.fset is None:
+                continue  # read-only (MultiHeadAttention.key_dim): the layer's rule records its own config
             if (isinstance(value, int) and not isinstance(value, bool) and len(changes.get(value, ())) == 1
                     and getattr(layer, key, None) == value):
                 setattr_undo(layer, key, next(iter(changes[value])))

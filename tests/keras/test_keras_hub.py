@@ -81,6 +81,7 @@ def _text_classifier(vocab_size=50, maxlen=12, embed_dim=8, num_heads=2, ff_dim=
     return keras.Model(inputs=inputs, outputs=outputs)
 
 
+@pytest.mark.slow
 def test_keras_io_text_classifier_grows_everywhere_and_trains_on():
     model = _text_classifier()
     x = RNG.integers(0, 50, size=(4, 12))
@@ -112,3 +113,38 @@ def test_non_uniform_d_model_plan_names_the_plans_allowed():
         fk.widen(model, {name: [0, 1]}, symmetry="none")
     for a, w in zip(weights, model.weights):
         np.testing.assert_array_equal(a, _np(w))
+
+
+# -- keras_hub backbones from tiny configs ---------------------------------------------------------------
+
+TINY = dict(vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=16)
+
+
+def _backbone_with_head(name):
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = getattr(keras_hub.models, name)(**TINY)
+    inputs = {k: keras.Input((16,), dtype="int32", name=k) for k in backbone.input}
+    out = backbone(inputs)
+    sequence = out["sequence_output"] if isinstance(out, dict) else out
+    model = keras.Model(inputs, layers.Dense(5, name="head")(sequence))
+    x = {"token_ids": RNG.integers(0, 50, (2, 16)), "padding_mask": np.ones((2, 16), "int32"),
+         "segment_ids": np.zeros((2, 16), "int32")}
+    return model, {k: v for k, v in x.items() if k in inputs}
+
+
+@pytest.mark.parametrize("name,prefix", [("GPT2Backbone", "gpt2_backbone"), ("BertBackbone", "bert_backbone")])
+def test_keras_hub_backbone_grows_everywhere(name, prefix):
+    model, x = _backbone_with_head(name)
+    groups = {g.name: g for g in _split_everything(model, x)}
+    assert [n for n, g in groups.items() if not g.splittable] == ["head"]  # only the output's width is fixed
+    assert groups[f"{prefix}/token_embedding"].splittable  # d_model: embeddings, attention and FFN outputs
+    attention = "self_attention" if name == "GPT2Backbone" else "self_attention_layer"
+    for i in range(2):
+        block = f"{prefix}/transformer_layer_{i}"
+        for dim in ("heads", "key_dim"):
+            assert f"{block}/{attention}/{dim}" in groups
+        assert f"{block}/feedforward_intermediate_dense" in groups
+    backbone = model.get_layer(prefix)
+    att = backbone.get_layer("transformer_layer_0")._self_attention_layer
+    assert (att.num_heads, att.key_dim) == (4, 16)
+    assert tuple(backbone.get_layer("token_embedding").embeddings.shape) == (50, 32)
