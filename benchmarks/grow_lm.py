@@ -15,8 +15,8 @@ Runs (same data, same number of training tokens):
 - ``grow-ffn``: the same model with FFN width 1/4 of the final, doubled twice (at 1/8 and 1/4 of the
   steps), everything else at final size;
 - ``grow-ffn-rewarm``: as ``grow-ffn``, with the learning rate re-warmed after each event;
-- ``grow-width`` (when heads and ``d_model`` can be grown): half the width (heads, FFN, ``d_model``),
-  doubled once at 1/4 of the steps.
+- ``grow-width``: half the width (``d_model``, heads and FFN; the head size stays), doubled once at
+  1/4 of the steps; ``grow-width-rewarm`` with the learning rate re-warmed after it.
 
 Validation loss is in bits per byte, measured every ``eval_every`` steps on a fixed validation set;
 FLOPs are counted analytically (6 x parameters touched per token for the matrix products plus the
@@ -181,10 +181,15 @@ def policies(size: Size, only) -> dict:
     """name -> (start width (d, heads, ff), {step: plans}, rewarm)."""
     final = (size.d, size.heads, size.ff)
     ffn = {f"b{i}_ffn1": None for i in range(size.layers)}
+    # d_model (the residual stream, named by its first producer, "tok"), the heads and the FFN of every block
+    width = {"tok": None, **{f"b{i}_attn/heads": None for i in range(size.layers)}, **ffn}
+    half = (size.d // 2, size.heads // 2, size.ff // 2)  # the head size d / heads stays
     p = {
         "scratch": (final, {}, False),
         "grow-ffn": ((size.d, size.heads, size.ff // 4), {size.steps // 8: ffn, size.steps // 4: ffn}, False),
         "grow-ffn-rewarm": ((size.d, size.heads, size.ff // 4), {size.steps // 8: ffn, size.steps // 4: ffn}, True),
+        "grow-width": (half, {size.steps // 4: width}, False),
+        "grow-width-rewarm": (half, {size.steps // 4: width}, True),
     }
     return {k: v for k, v in p.items() if only is None or k in only or k == "scratch"}
 
