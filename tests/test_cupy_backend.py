@@ -685,13 +685,13 @@ class FakeCupy:
 
     #: kernel name (NVRTC name expression or fatbin name) -> index of fs_launch's table:
     #: dtype + 4 for two axes + 8 for the instance without draws
-    NAMES = {}
-    for _k, (_dt, _tr) in enumerate([("float16", "F16"), ("bfloat16", "BF16"), ("float32", "F32"), ("float64", "F64")]):
-        for _two in ("", "2"):
-            for _noise, _exact in (("true", ""), ("false", "_exact")):
-                _i = _k + (4 if _two else 0) + (0 if _noise == "true" else 8)
-                NAMES[f"fastsplit_split{_two}<fs::{_tr}, {_noise}>"] = _i
-                NAMES[f"fastsplit_split{_two}{_exact}_{_dt}"] = _i
+    NAMES = {
+        name: k + (4 if two else 0) + (0 if draws == "true" else 8)
+        for k, (dt, tr) in enumerate([("float16", "F16"), ("bfloat16", "BF16"), ("float32", "F32"), ("float64", "F64")])
+        for two in ("", "2")
+        for draws, exact in (("true", ""), ("false", "_exact"))
+        for name in (f"fastsplit_split{two}<fs::{tr}, {draws}>", f"fastsplit_split{two}{exact}_{dt}")
+    }
 
     def __init__(self, launch, threads, items):
         self.launches = []
