@@ -173,7 +173,22 @@ def _empty_event(model, optimizer: str, backend: str, t0: float, kind: str) -> G
                        times={"total": time.perf_counter() - t0})
 
 
-def _refuse(grp, path, what):
+def _recurrent(graph: Graph, root) -> list:
+    """Paths of the recurrent layers (RNN, Bidirectional) a group touches."""
+    from keras import layers as L
+
+    found = {}
+    for g, layers in graph.touched.items():
+        if graph.find(g) == root:
+            found.update({p: lay for p, lay in layers.items() if isinstance(lay, (L.RNN, L.Bidirectional))})
+    return list(found)
+
+
+def _refuse(grp, path, what, graph: Graph | None = None):
+    rnn = [] if graph is None else _recurrent(graph, grp.gid)
+    if rnn:
+        raise GrowthError(f"cannot {what} {path!r}: its units reach the recurrent layer(s) {rnn}; fastsplit "
+                          "splits recurrent units but does not prune or merge them yet")
     if grp.refused:
         raise GrowthError(f"cannot {what} {path!r} (group {grp.producers}): " + "; ".join(grp.refused))
     if grp.uniform:
@@ -320,7 +335,7 @@ def prune(model, units, *, data=None, optimizer: str = "carry", backend: str = "
     by_root = {g.gid: g for g in groups}
     chosen = {g: p for g, p in chosen.items() if not p.is_identity}
     for g in chosen:
-        _refuse(by_root[g], named[g], "prune")
+        _refuse(by_root[g], named[g], "prune", graph)
     if not chosen:
         return _empty_event(model, optimizer, backend, t0, "prune")
     times = {}
@@ -430,9 +445,9 @@ def merge_twins(model, *, atol: float = 0.0, layers=None, optimizer: str = "carr
         named = set(resolve_layers(graph, layers))
         groups = [g for g in groups if named & set(g.producers)]
         for g in groups:
-            _refuse(g, g.producers[0], "merge units of")
+            _refuse(g, g.producers[0], "merge units of", graph)
     else:
-        groups = [g for g in groups if not g.refused and not g.uniform]
+        groups = [g for g in groups if not g.refused and not g.uniform and not _recurrent(graph, g.gid)]
     chosen = {}
     for g in groups:
         twins = find_twins(_features(graph, g.gid, g.width), atol)

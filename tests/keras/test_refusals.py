@@ -37,7 +37,9 @@ def _lstm():
 
 
 def _attention():
-    return _sequence_model(lambda h: L.Flatten()(L.MultiHeadAttention(2, 2, name="mha")(h, h)))
+    """Attention that returns its scores too: the scores are not followed (attention alone now grows)."""
+    return _sequence_model(
+        lambda h: L.Flatten()(L.MultiHeadAttention(2, 2, name="mha")(h, h, return_attention_scores=True)[0]))
 
 
 def _softmax_producer():

@@ -295,3 +295,20 @@ def test_split_every_grows_the_lstm_inside_fit():
                                                                            4 * model.get_layer("lstm").units)
     assert [list(e.layers) for e in fk.history(model)][0] == ["lstm"]
     assert np.all(np.isfinite(hist.history["loss"]))
+
+
+def test_prune_and_merge_refuse_recurrent_groups_and_leave_the_model_alone():
+    """Splitting recurrent units is exact; removing them is not implemented: refused by name, nothing changes."""
+    inp = keras.Input((5, 3))
+    h = keras.layers.Dense(4, name="pre")(inp)
+    h = keras.layers.LSTM(3, name="lstm")(h)
+    model = keras.Model(inp, keras.layers.Dense(2, name="out")(h))
+    x = np.random.default_rng(0).standard_normal((8, 5, 3)).astype("float32")
+    before = [w.copy() for w in model.get_weights()]
+    for name in ("lstm", "pre"):
+        with pytest.raises(fk.GrowthError, match="recurrent"):
+            fk.prune(model, {name: [0]}, data=x)
+    with pytest.raises(fk.GrowthError, match="recurrent"):
+        fk.merge_twins(model, layers=["lstm"])
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
