@@ -25,7 +25,8 @@ its new shard once. Draws (``symmetry`` ``"fresh"``, ``"noise"``, ``"direction"`
 the whole tensor: the size of a source unit (standard deviation, or root mean square for
 ``"direction"``) is combined from per-shard moments (O(width) numbers per shard reach the host).
 
-What holds for the draws of a sharded variable: each output shard draws with its own generator key
+What holds for the draws: a replicated variable (every device holds all of it) draws exactly as an
+unsharded split, on every device. For a sharded one, each output shard draws with its own generator key
 (from the plan's seed and the shard's position in the tensor, so replicas of a shard are
 bit-identical and different shards draw independently), at the scale of the whole source unit as in
 an unsharded split. The draws are therefore valid draws of the same distribution as the unsharded
@@ -325,6 +326,7 @@ def _work(e) -> list:
     own = {d: (box, n) for d, box, n in holders}
     itemsize = np.dtype(str(e.target.dtype)).itemsize if str(e.target.dtype) != "bfloat16" else 2
     split_axes = {axis for axis, *_ in e.steps}
+    replicated = bool(sh.sharding.is_fully_replicated)  # each device holds it all: drawn as unsharded
     sizes = {}
     for axis, plan, role, channels in e.steps:
         positions = sh.shape[axis] // plan.width
@@ -341,7 +343,7 @@ def _work(e) -> list:
                     f"cannot grow {e.target.path} with symmetry='direction': the copies of a unit would land in "
                     f"different shards of axis {axis} (mesh axes {', '.join(map(repr, sh.mesh_axes(axis)))}), which "
                     "cannot share one direction; use symmetry='fresh' (the default) or 'noise'")
-        if moved is not None:
+        if moved is not None and not replicated:
             sizes[axis] = _unit_sizes(sh, axis, plan, positions, channels, moved)
     work = []
     for d, box in out_boxes.items():
@@ -351,7 +353,7 @@ def _work(e) -> list:
         for axis, plan, role, channels in e.steps:
             positions = sh.shape[axis] // plan.width
             size = sizes.get(axis)
-            key = _box_key(plan.noise_key, box)
+            key = plan.noise_key if replicated else _box_key(plan.noise_key, box)
             if counts[axis] == 1:
                 local = LocalPlan(plan.width, np.asarray(plan.src), np.asarray(plan.ratio), np.asarray(plan.offset),
                                   plan.is_copy, plan.direction, plan.symmetry, plan.sigma, key, size)

@@ -22,6 +22,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers as L  # noqa: E402
 
+import fastsplit  # noqa: E402
 import fastsplit.keras as fk  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -249,6 +250,13 @@ def draws():
         assert not np.allclose(blocks[0], blocks[i]), "shards draw independently"
     for t in event["transfers"].values():
         assert t["received"] == 0
+    # a replicated variable draws exactly as an unsharded split
+    r = keras.Sequential([keras.Input((8,)), L.Dense(8, name="r"), L.Dense(2, name="r_out")])
+    source = np.asarray(r.get_layer("r").kernel.numpy())
+    fk.widen(r, {"r": [0, 3, 3]})
+    want = fastsplit.split(source, fastsplit.plan(8, [0, 3, 3], symmetry="fresh"), axis=1, role="incoming")
+    np.testing.assert_array_equal(np.asarray(r.get_layer("r").kernel.numpy()), want)
+    assert r.get_layer("r").kernel.value.sharding.is_fully_replicated
     return {"ratio": ratio, **event}
 
 

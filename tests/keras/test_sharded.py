@@ -22,13 +22,23 @@ from conftest import BACKEND
 pytestmark = pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution.ModelParallel is grown on JAX")
 
 SCRIPT = pathlib.Path(__file__).with_name("sharded_scenarios.py")
+#: the worker processes of one session share a JAX compilation cache (compiling is most of their time)
+_CACHE: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    _CACHE.append(str(tmp_path_factory.mktemp("jax_cache")))
+    yield
+    _CACHE.clear()
 
 
 def _run(devices: int, *names: str) -> dict:
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_COMPILATION_CACHE_DIR": _CACHE[-1],
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), str(devices), *names], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=180)
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
