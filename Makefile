@@ -23,20 +23,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/fastsplit demo
 
-# The whole suite under Keras' default backend (TensorFlow), slow cases included (the big
-# keras.applications models), and the Keras tests again under JAX and PyTorch without the
-# slow cases: Keras fixes its backend once per process. The three run side by side (their
-# tests are mostly single-threaded Python, so two cores give close to twice the speed); the
-# JAX and PyTorch logs are printed after, in full where they failed.
+# The Keras tests under each of Keras' backends (TensorFlow, the default, with the slow cases:
+# the big keras.applications models; JAX and PyTorch without them: Keras fixes its backend once
+# per process) and the backend-free core tests, as four processes side by side: the tests are
+# mostly single-threaded Python, so two cores run them in about half the time, and the core
+# tests keep the second core busy once the short passes end. Logs of the background passes are
+# printed after, in full where they failed.
 test: $(STAMP)
-	@KERAS_BACKEND=jax $(PY) -m pytest tests/keras -q -m "not slow" -p no:cacheprovider > .pytest-jax.log 2>&1 & jax=$$!; \
+	@$(PY) -m pytest tests --ignore=tests/keras -q > .pytest-core.log 2>&1 & core=$$!; \
+	KERAS_BACKEND=jax $(PY) -m pytest tests/keras -q -m "not slow" -p no:cacheprovider > .pytest-jax.log 2>&1 & jax=$$!; \
 	KERAS_BACKEND=torch $(PY) -m pytest tests/keras -q -m "not slow" -p no:cacheprovider > .pytest-torch.log 2>&1 & torch=$$!; \
-	$(PY) -m pytest; tf=$$?; \
-	wait $$jax; j=$$?; wait $$torch; t=$$?; \
-	for b in jax torch; do echo "== Keras tests under $$b"; \
+	$(PY) -m pytest tests/keras -p no:cacheprovider; tf=$$?; \
+	wait $$core; c=$$?; wait $$jax; j=$$?; wait $$torch; t=$$?; \
+	for b in core jax torch; do echo "== tests: $$b"; \
 		if grep -qE "(failed|error)" .pytest-$$b.log; then cat .pytest-$$b.log; else tail -n 4 .pytest-$$b.log; fi; done; \
-	echo "exit status: TensorFlow (all tests) $$tf, JAX $$j, PyTorch $$t"; \
-	test $$tf -eq 0 && test $$j -eq 0 && test $$t -eq 0
+	echo "exit status: Keras tests under TensorFlow $$tf, JAX $$j, PyTorch $$t; core tests $$c"; \
+	test $$tf -eq 0 && test $$c -eq 0 && test $$j -eq 0 && test $$t -eq 0
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
