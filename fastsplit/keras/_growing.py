@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from keras import ops
 from keras.optimizers.schedules import LearningRateSchedule
-from keras.saving import serialize_keras_object
+from keras.saving import deserialize_keras_object, register_keras_serializable, serialize_keras_object
 
 from ..compact import CompactPlan
 from ..plan import SYMMETRIES
@@ -95,8 +95,12 @@ class _Rewarm:
             self.opt.learning_rate = self.base
 
 
+@register_keras_serializable(package="fastsplit")
 class RewarmSchedule(LearningRateSchedule):
-    """``base(step) * min(1, (step - begin + 1) / steps)``: a schedule ramped back up after a growth event."""
+    """``base(step) * min(1, (step - begin + 1) / steps)``: a schedule ramped back up after a growth event.
+
+    Registered, so a model saved during a ramp loads with its optimizer.
+    """
 
     def __init__(self, base, begin, steps):
         self.base, self.begin, self.steps = base, int(begin), int(steps)
@@ -107,6 +111,10 @@ class RewarmSchedule(LearningRateSchedule):
 
     def get_config(self):
         return {"base": serialize_keras_object(self.base), "begin": self.begin, "steps": self.steps}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(deserialize_keras_object(config["base"]), config["begin"], config["steps"])
 
 
 class GrowthCallback(PlateauMonitor):

@@ -89,3 +89,14 @@ def test_split_on_plateau_rewarms_after_its_event():
     # the event at the end of epoch 2 (step 16): steps 17..19 ramp, step 20 is back at 0.1
     np.testing.assert_allclose(probe.lrs[16:21], [0.025, 0.05, 0.075, 0.1, 0.1], rtol=1e-6)
     assert probe.lrs[:16] == pytest.approx([0.1] * 16)
+
+
+def test_a_ramped_schedule_survives_serialization():
+    """An optimizer saved during a ramp (its rate a RewarmSchedule) is rebuilt with the same rates."""
+    from fastsplit.keras._growing import RewarmSchedule
+
+    sched = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=4, decay_rate=0.5)
+    opt = keras.optimizers.Adam(RewarmSchedule(sched, 5, 3))
+    again = keras.optimizers.Adam.from_config(opt.get_config())
+    for step in (4, 5, 6, 7, 9):
+        assert float(np.asarray(again._learning_rate(step))) == float(np.asarray(opt._learning_rate(step)))
