@@ -12,7 +12,12 @@ def apply_env() -> tuple | None:
     text = os.environ.get("FASTSPLIT_CUDA_TUNING", "").strip()
     if not text:
         return None
-    threads, items, min_blocks, max_blocks = (int(v) for v in text.split(","))
+    return apply(tuple(int(v) for v in text.split(",")))
+
+
+def apply(setting: tuple) -> tuple:
+    """Set ``(threads, items, min_blocks, max_blocks)``; a max of 0 means one block per tile."""
+    threads, items, min_blocks, max_blocks = setting
     _config.CUDA_THREADS_PER_BLOCK = threads
     _config.CUDA_VECTORS_PER_THREAD = items
     _config.CUDA_MIN_BLOCKS_PER_SM = min_blocks

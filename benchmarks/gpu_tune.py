@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cupy  # noqa: E402
 import test_bench_gpu as bench  # noqa: E402
+from _tuning import apply  # noqa: E402
 
-from fastsplit import _config, _reference  # noqa: E402
+from fastsplit import _reference  # noqa: E402
 from fastsplit.backends import cupy_cuda  # noqa: E402
 
 SETTINGS = [  # threads, items, min blocks per SM, most blocks (0: one block per tile)
@@ -56,14 +57,6 @@ def copy_ms(nbytes: int) -> float:
     src = cupy.empty(nbytes, cupy.uint8)
     dst = cupy.empty(nbytes, cupy.uint8)
     return events_ms(lambda: dst.data.copy_from_device_async(src.data, nbytes))
-
-
-def apply(setting) -> None:
-    threads, items, min_blocks, max_blocks = setting
-    _config.CUDA_THREADS_PER_BLOCK = threads
-    _config.CUDA_VECTORS_PER_THREAD = items
-    _config.CUDA_MIN_BLOCKS_PER_SM = min_blocks
-    _config.CUDA_MAX_BLOCKS = max_blocks or (1 << 24)
 
 
 def main(argv=None):
