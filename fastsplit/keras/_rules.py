@@ -457,7 +457,13 @@ def _builtins() -> None:
     _rules_rnn.register(reg)
     from . import _rules_attention  # EinsumDense, MultiHeadAttention, keras_hub's embeddings
 
-    _rules_attention.register(reg, lambda name, fn, **kw: _BY_NAME.__setitem__(name, Rule(fn, **kw)))
+    def by_name(name, fn, **kw):
+        _BY_NAME[name] = Rule(fn, **kw)
+
+    _rules_attention.register(reg, by_name)
+    from . import _rules_gqa  # GroupQueryAttention, keras_hub's LlamaAttention and LlamaLayerNorm
+
+    _rules_gqa.register(reg, by_name)
 
 
 __all__ = ["ELEMENTWISE", "Rule", "register_rule", "rule_for"]

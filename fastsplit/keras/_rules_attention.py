@@ -323,15 +323,6 @@ def _get_item(walk, op, labels):
                                 lab.units.channels))
 
 
-def _refuse_gqa(walk, op, labels):
-    why = (f"layer {op.path!r} ({type(op.layer).__name__}) shares each key/value head among several query heads; "
-           "fastsplit does not grow grouped-query attention (a query head's copy would need its own key/value "
-           "group)")
-    walk.refuse(labels, why)
-    kernel = op.layer._output_dense.kernel
-    return walk.produce(op, kernel.shape[-1], kernel, -1, None, None, axis=-1, refused=why)
-
-
 #: keras_hub classes (by "module.QualName", never imported here) -> rule
 _KERAS_HUB = {
     "keras_hub.src.layers.modeling.cached_multi_head_attention.CachedMultiHeadAttention": _attention,
@@ -347,7 +338,6 @@ def register(reg, reg_by_name) -> None:
 
     reg([L.EinsumDense], _einsum_dense, produces=True)
     reg([L.MultiHeadAttention], _attention, produces=True)
-    reg([getattr(L, "GroupQueryAttention", None)], _refuse_gqa, produces=True)
     reg([getattr(L, "ReversibleEmbedding", None)], _reversible_embedding, produces=True)
     from keras.src.ops import numpy as ops_np
 

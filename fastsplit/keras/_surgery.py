@@ -567,8 +567,8 @@ def _update_user_configs(graph: Graph, plans: dict, setattr_undo, done: set) -> 
             continue
         try:
             config = layer.get_config()
-        except NotImplementedError:
-            continue
+        except (NotImplementedError, AttributeError):  # keras_hub 0.32's LlamaTransformerDecoder reads an
+            continue  # attribute it never sets: no config to follow (its backbone's config rebuilds it)
         for key, value in config.items():
             prop = getattr(type(layer), key, None)
             if isinstance(prop, property) and prop.fset is None:

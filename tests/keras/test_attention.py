@@ -202,15 +202,6 @@ def test_attention_returning_scores_is_refused():
         fk.widen(model, {"mha/heads": None}, symmetry="none")
 
 
-def test_grouped_query_attention_is_refused():
-    q = keras.Input((5, 8))
-    h = L.Dense(8, name="h")(q)
-    a = L.GroupQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2, name="gqa")(h, h)
-    model = keras.Model(q, L.Dense(2)(L.Flatten()(a)))
-    groups = {g.name: g for g in fk.coupled_groups(model)}
-    assert "grouped-query attention" in groups["h"].refused[0]
-
-
 def test_head_plan_of_the_wrong_length_leaves_the_model_alone():
     model, x = _attention_model()
     before = [_np(w) for w in model.weights]

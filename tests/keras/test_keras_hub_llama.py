@@ -1,0 +1,155 @@
+"""Grouped-query attention, rotary embeddings, RMSNorm and gated FFNs: keras_hub's LlamaBackbone and Keras'
+GroupQueryAttention grow exactly (DESIGN.md, "Transformers and recurrent layers").
+
+A key/value head with its group of query heads is the unit of ``<attention>/heads``; the head size
+(``<attention>/key_dim``) grows in GroupQueryAttention and is refused under Llama's rotary embedding.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import fastsplit.keras as fk
+
+RNG = np.random.default_rng(0)
+LLAMA = dict(vocabulary_size=1000, num_layers=2, hidden_dim=64, intermediate_dim=128, num_query_heads=4,
+             num_key_value_heads=2)
+SEQ = 8
+PREFIX = "llama_backbone"
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _llama():
+    """A LlamaBackbone from a tiny config with a Dense head on its sequence output; its inputs."""
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.LlamaBackbone(**LLAMA)
+    inputs = {k: keras.Input((SEQ,), dtype="int32", name=k) for k in backbone.input}
+    model = keras.Model(inputs, layers.Dense(3, name="head")(backbone(inputs)))
+    x = {"token_ids": RNG.integers(0, 1000, (2, SEQ)), "padding_mask": np.ones((2, SEQ), "int32")}
+    return model, x
+
+
+def _close(after, before):
+    assert after.shape == before.shape
+    assert np.max(np.abs(after - before)) <= 1e-5 * np.max(np.abs(before))
+
+
+def _attention(model, i=0):
+    return model.get_layer(PREFIX).get_layer(f"transformer_layer_{i}")._self_attention_layer
+
+
+def _state(model):
+    """Everything a refused split must leave alone: weights, the model's config, the attention layers' sizes."""
+    atts = [_attention(model, i) for i in range(2)]
+    sizes = [(a.num_query_heads, a.num_key_value_heads, a._inv_norm_factor,
+              *(d.partial_output_shape for d in (a._query_dense, a._key_dense, a._value_dense, a._output_dense)))
+             for a in atts]
+    return [_np(w) for w in model.weights], model.get_config(), sizes
+
+
+def _groups(kind):
+    blocks = [f"{PREFIX}/transformer_layer_{i}" for i in range(2)]
+    return {
+        "ffn": [f"{b}/feedforward_intermediate_dense" for b in blocks],
+        "heads": [f"{b}/self_attention/heads" for b in blocks],
+        "d_model": [f"{PREFIX}/token_embedding"],
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["ffn", "heads", "d_model"])
+def test_llama_grows_exactly_and_trains_on(kind):
+    model, x = _llama()
+    y = RNG.standard_normal((2, SEQ, 3)).astype("float32")
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    model.fit(x, y, epochs=1, verbose=0)  # Adam's slots exist and are carried by the split
+    groups = {g.name: g for g in fk.coupled_groups(model)}
+    for name in _groups(kind):
+        assert groups[name].splittable, groups[name].refused
+    before = _np(model(x))
+    fk.widen(model, {name: None for name in _groups(kind)}, symmetry="none")
+    _close(_np(model(x)), before)
+    att, block = _attention(model), model.get_layer(PREFIX).get_layer("transformer_layer_0")
+    if kind == "ffn":
+        assert tuple(block._feedforward_gate_dense.kernel.shape) == (64, 256)
+        assert tuple(block._feedforward_output_dense.kernel.shape) == (256, 64)
+    elif kind == "heads":  # every key/value head copied with its two query heads
+        assert (att.num_key_value_heads, att.num_query_heads, att.num_key_value_groups) == (4, 8, 2)
+        assert tuple(att._query_dense.kernel.shape) == (64, 8, 16)
+        assert tuple(att._key_dense.kernel.shape) == (64, 4, 16)
+        assert tuple(att._output_dense.kernel.shape) == (8, 16, 64)
+    else:
+        assert tuple(model.get_layer(PREFIX).get_layer("token_embedding").embeddings.shape) == (1000, 128)
+        assert tuple(block._self_attention_layernorm.scale.shape) == (128,)
+        assert tuple(att._query_dense.kernel.shape) == (128, 4, 16)  # the head size stays
+    losses = model.fit(x, y, epochs=3, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] != losses[0]
+
+
+def test_llama_key_dim_is_refused_under_rotary_and_the_model_is_left_alone():
+    model, x = _llama()
+    name = f"{PREFIX}/transformer_layer_0/self_attention/key_dim"
+    group = next(g for g in fk.coupled_groups(model) if g.name == name)
+    assert not group.splittable and "rotary position embedding" in group.refused[0]
+    weights, config, sizes = _state(model)
+    with pytest.raises(fk.GrowthError, match=r"(?s)self_attention/key_dim.*rotary position embedding"):
+        fk.widen(model, {name: None}, symmetry="none")
+    after_weights, after_config, after_sizes = _state(model)
+    assert after_config == config and after_sizes == sizes
+    for a, b in zip(weights, after_weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_llama_non_uniform_d_model_plan_is_refused():
+    model, _x = _llama()
+    weights, config, sizes = _state(model)
+    with pytest.raises(fk.GrowthError, match="same number of copies"):
+        fk.widen(model, {f"{PREFIX}/token_embedding": [0, 1]}, symmetry="none")
+    after_weights, after_config, after_sizes = _state(model)
+    assert after_config == config and after_sizes == sizes
+    for a, b in zip(weights, after_weights):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- keras.layers.GroupQueryAttention --------------------------------------------------------------------
+
+
+def _gqa_model(use_gate=False):
+    q = keras.Input((5, 8))
+    h = layers.Dense(8, name="h")(q)
+    kwargs = {"use_gate": True} if use_gate else {}
+    a = layers.GroupQueryAttention(head_dim=4, num_query_heads=6, num_key_value_heads=2, name="gqa", **kwargs)(h, h)
+    return keras.Model(q, layers.Dense(2, name="out")(layers.Flatten()(a))), RNG.standard_normal((3, 5, 8))
+
+
+@pytest.mark.parametrize("use_gate", [False, True])
+def test_group_query_attention_grows_heads_head_size_and_width_exactly(use_gate):
+    model, x = _gqa_model(use_gate)
+    groups = {g.name: g for g in fk.coupled_groups(model)}
+    assert all(groups[n].splittable for n in ("gqa/heads", "gqa/key_dim", "h")), groups
+    att = model.get_layer("gqa")
+    before = _np(model(x))
+    fk.widen(model, {"gqa/heads": [1]}, symmetry="none")  # key/value head 1 and its query heads 3, 4, 5
+    _close(_np(model(x)), before)
+    assert (att.num_key_value_heads, att.num_query_heads, att.num_repeats) == (3, 9, 3)
+    fk.widen(model, {"gqa/key_dim": [0, 3], "h": None}, symmetry="none")
+    _close(_np(model(x)), before)
+    assert att.head_dim == 6 and att._inverse_sqrt_head_dim == pytest.approx(6 ** -0.5)
+    assert tuple(att._query_dense.kernel.shape) == (16, 9, 6) and tuple(att._output_dense.kernel.shape) == (9, 6, 8)
+    config = att.get_config()
+    assert (config["num_key_value_heads"], config["num_query_heads"], config["head_dim"]) == (3, 9, 6)
+
+
+def test_group_query_attention_head_plan_of_the_wrong_length_leaves_the_model_alone():
+    model, _x = _gqa_model()
+    weights, config = [_np(w) for w in model.weights], model.get_config()
+    import fastsplit
+
+    with pytest.raises(fk.GrowthError, match="gqa/heads"):
+        fk.widen(model, {"gqa/heads": fastsplit.plan(6, [0], symmetry="none")}, symmetry="none")
+    assert model.get_config() == config
+    for a, w in zip(weights, model.weights):
+        np.testing.assert_array_equal(a, _np(w))
