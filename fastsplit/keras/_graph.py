@@ -74,9 +74,7 @@ class _recorded_constant_calls:
         from keras.src.backend import any_symbolic_tensors
         from keras.src.ops.node import Node
 
-        def wrap(sub, plain):
-            inside = []
-
+        def wrap(sub, plain, inside):
             def call(*args, **kwargs):
                 if inside or any_symbolic_tensors(args, kwargs):
                     return plain(*args, **kwargs)
@@ -90,21 +88,29 @@ class _recorded_constant_calls:
 
             return call
 
-        def spec(plain):
+        def spec(plain, inside):
             import inspect
 
             params = inspect.signature(plain).parameters
-            if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-                return plain
+            keep = any(p.kind == p.VAR_KEYWORD for p in params.values())
 
             def compute_output_spec(*args, **kwargs):  # a subclass's extra call arguments left at None
-                return plain(*args, **{k: v for k, v in kwargs.items() if k in params or v is not None})
+                # its call (and its sublayers') runs inside on the backend's abstract values (JAX tracers),
+                # which are no constants to record (LlamaLayerNorm has no compute_output_shape)
+                inside.append(True)
+                try:
+                    if keep:
+                        return plain(*args, **kwargs)
+                    return plain(*args, **{k: v for k, v in kwargs.items() if k in params or v is not None})
+                finally:
+                    inside.pop()
 
             return compute_output_spec
 
+        inside: list = []  # set while a sublayer computes its output spec: nested calls are its own
         for sub in self.sublayers:
-            vars(sub)["call"] = wrap(sub, sub.call)
-            vars(sub)["compute_output_spec"] = spec(sub.compute_output_spec)
+            vars(sub)["call"] = wrap(sub, sub.call, inside)
+            vars(sub)["compute_output_spec"] = spec(sub.compute_output_spec, inside)
         return self
 
     def __exit__(self, *exc):

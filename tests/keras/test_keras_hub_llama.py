@@ -60,31 +60,30 @@ def _groups(kind):
     }[kind]
 
 
-@pytest.mark.parametrize("kind", ["ffn", "heads", "d_model"])
-def test_llama_grows_exactly_and_trains_on(kind):
+def test_llama_grows_exactly_and_trains_on():
+    """(a) every FFN, (b) every attention layer's heads, (d) d_model doubled: each split on its own keeps the
+    logits; then Adam, whose slots the splits carried, trains on."""
     model, x = _llama()
     y = RNG.standard_normal((2, SEQ, 3)).astype("float32")
     model.compile(keras.optimizers.Adam(1e-3), "mse")
-    model.fit(x, y, epochs=1, verbose=0)  # Adam's slots exist and are carried by the split
+    model.fit(x, y, epochs=1, verbose=0)
     groups = {g.name: g for g in fk.coupled_groups(model)}
-    for name in _groups(kind):
-        assert groups[name].splittable, groups[name].refused
-    before = _np(model(x))
-    fk.widen(model, {name: None for name in _groups(kind)}, symmetry="none")
-    _close(_np(model(x)), before)
     att, block = _attention(model), model.get_layer(PREFIX).get_layer("transformer_layer_0")
-    if kind == "ffn":
-        assert tuple(block._feedforward_gate_dense.kernel.shape) == (64, 256)
-        assert tuple(block._feedforward_output_dense.kernel.shape) == (256, 64)
-    elif kind == "heads":  # every key/value head copied with its two query heads
-        assert (att.num_key_value_heads, att.num_query_heads, att.num_key_value_groups) == (4, 8, 2)
-        assert tuple(att._query_dense.kernel.shape) == (64, 8, 16)
-        assert tuple(att._key_dense.kernel.shape) == (64, 4, 16)
-        assert tuple(att._output_dense.kernel.shape) == (8, 16, 64)
-    else:
-        assert tuple(model.get_layer(PREFIX).get_layer("token_embedding").embeddings.shape) == (1000, 128)
-        assert tuple(block._self_attention_layernorm.scale.shape) == (128,)
-        assert tuple(att._query_dense.kernel.shape) == (128, 4, 16)  # the head size stays
+    before = _np(model(x))
+    for kind in ("ffn", "heads", "d_model"):
+        for name in _groups(kind):
+            assert groups[name].splittable, groups[name].refused
+        fk.widen(model, {name: None for name in _groups(kind)}, symmetry="none")
+        _close(_np(model(x)), before)
+    assert tuple(block._feedforward_gate_dense.kernel.shape) == (128, 256)
+    assert tuple(block._feedforward_output_dense.kernel.shape) == (256, 128)
+    # every key/value head copied with its two query heads; the head size stays under d_model growth
+    assert (att.num_key_value_heads, att.num_query_heads, att.num_key_value_groups) == (4, 8, 2)
+    assert tuple(att._query_dense.kernel.shape) == (128, 8, 16)
+    assert tuple(att._key_dense.kernel.shape) == (128, 4, 16)
+    assert tuple(att._output_dense.kernel.shape) == (8, 16, 128)
+    assert tuple(model.get_layer(PREFIX).get_layer("token_embedding").embeddings.shape) == (1000, 128)
+    assert tuple(block._self_attention_layernorm.scale.shape) == (128,)
     losses = model.fit(x, y, epochs=3, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] != losses[0]
 
