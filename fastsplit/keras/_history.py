@@ -10,7 +10,12 @@ moves it to a registered subclass, ``fastsplit>GrownFunctional`` or
 
 A saved history is checked when it is loaded: a malformed one raises
 :class:`GrowthError` from ``load_model``, naming the entry and field, before the
-model is built.
+model is built. The history also brings back widths that no config holds: a
+keras_hub backbone's config is its constructor arguments (``hidden_dim``,
+``num_heads``), which cannot say that ``key_dim`` grew, and a user's block that
+makes its sublayers in ``__init__`` saves only those arguments; such layers are
+rebuilt at their first widths, and ``from_config`` replays the saved events on
+them by shape (``_replay.restore_widths``) before Keras loads the weights.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from keras.src.models.functional import Functional
 
 from ._errors import GrowthError
 from ._event import GrowthEvent, check_event_dict
+from ._replay import locate, restore_widths, unbuilt
 
 KEY = "fastsplit_history"
 
@@ -40,7 +46,9 @@ class _SavesHistory:
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         hist = check_history(config.pop(KEY, []), config.get("name"))
-        model = super().from_config(config, custom_objects=custom_objects)
+        model = super().from_config(unbuilt(config) if hist else config, custom_objects=custom_objects)
+        # before Keras loads the weights: layers whose config cannot say how they grew come back small
+        restore_widths(model, hist, config.get("name"))
         model._fastsplit_history = list(hist)
         return model
 
@@ -67,7 +75,10 @@ _GROWN = {Functional: GrownFunctional, keras.Sequential: GrownSequential, keras.
 def record(model, event: GrowthEvent) -> None:
     """Append ``event`` to the model's history (and make the history part of its config)."""
     hist = list(_get(model))
-    hist.append(event.to_dict())
+    entry = event.to_dict()
+    for path, lg in entry["layers"].items():
+        lg["at"] = locate(model, path)  # names may change when the model is rebuilt; child indices do not
+    hist.append(entry)
     model._fastsplit_history = hist
     grown = _GROWN.get(type(model))
     if grown is not None:
