@@ -40,8 +40,9 @@ __all__ = ["CoupledGroup", "GrowthError", "GrownFunctional", "GrownSequential", 
 # --- growing while training (callbacks) ---
 from .split_every import SplitEvery  # noqa: E402
 from .split_on_plateau import SplitOnPlateau  # noqa: E402
+from .split_on_slope import SplitOnSlope  # noqa: E402
 
-__all__ += ["SplitEvery", "SplitOnPlateau"]
+__all__ += ["SplitEvery", "SplitOnPlateau", "SplitOnSlope"]
 
 # --- dead units: find them, prune them, merge twins ---
 from ._prune import merge_twins, prune  # noqa: E402
