@@ -12,7 +12,6 @@ import numpy as np
 from . import _select
 from ._args import check_int
 from ._errors import GrowthError
-from ._layers import width_of
 
 
 def check_max_units(max_units):
@@ -77,21 +76,22 @@ def unit_costs(model, names) -> dict:
 
 
 def choose_units(model, layers, *, rule, score, max_units, max_params) -> dict:
-    """Units to split per layer (layer name -> sorted indices) after both caps; layers left with none are absent.
+    """Units to split per growing name (name -> sorted indices) after both caps; names left with none are absent.
 
-    Cost: ``score`` once per layer that is ranked; with ``max_params``, :func:`unit_costs`.
+    ``layers``: name -> (width, the layer the scores read, or None for a group they cannot rank,
+    whose first units are taken). Cost: ``score`` once per layer that is ranked; with
+    ``max_params``, :func:`unit_costs`.
     """
     wanted = {}
-    for layer in layers:
-        n = width_of(layer)
-        cap = cap_of(max_units, layer.name)
+    for name, (n, layer) in layers.items():
+        cap = cap_of(max_units, name)
         if cap is not None and n >= cap:
             continue
         ranked = _select.needs_scores(rule) or (cap is not None and 2 * n > cap) or max_params
-        scores = score(layer, model) if ranked else None
+        scores = score(layer, model) if ranked and layer is not None else None
         chosen = _select.cap_units(_select.choose(rule, n, scores), n, cap)
         if len(chosen):
-            wanted[layer.name] = chosen
+            wanted[name] = chosen
     if wanted and max_params is not None:
         budget = max_params - model.count_params()
         wanted = _select.cap_params(wanted, unit_costs(model, list(wanted)), budget)

@@ -25,7 +25,16 @@ from ..plan import plan as make_plan
 from . import _budget, _scores, _select
 from ._args import check_bool, check_choice, check_dir, check_int, check_real
 from ._errors import GrowthError
-from ._layers import check_layer_names, graph_groups, growable_layers, refusals, why_not_growable, width_of
+from ._layers import (
+    check_layer_names,
+    graph_groups,
+    group_named,
+    group_widths,
+    growable_layers,
+    refusals,
+    scored_layer,
+    why_not_growable,
+)
 from ._monitor import PlateauMonitor
 from ._replay import restore_best
 from ._resume import (
@@ -222,12 +231,26 @@ class GrowthCallback(PlateauMonitor):
                 why = why_not_growable(model, name, groups)
                 if why is not None:
                     raise GrowthError(f"{type(self).__name__}(layers={self.layers!r}): {why}")
+        unranked = [n for n in names if scored_layer(model, n, groups) is None]
+        if unranked:
+            self._check_unranked(unranked)
         self._symmetries = self._symmetry_per_layer(names, groups)
         if isinstance(self.max_units, dict):
             unknown = sorted(set(self.max_units) - set(names))
             if unknown:
                 raise GrowthError(f"max_units names layers that do not grow: {unknown} (growing: {names})")
         self._names = names
+
+    def _check_unranked(self, names):
+        """Groups whose units are not a kernel's last axis (heads, ``key_dim``, ``d_model``) grow whole."""
+        what = (f"{type(self).__name__}(layers={self.layers!r}): {names} are not Dense/Conv layers whose kernel's "
+                "last axis holds the units (attention heads, key_dim, an embedding's width)")
+        if _select.needs_scores(self._rule):
+            raise GrowthError(f"{what}: their units have no score to rank by; use select='all' (got {self.select!r})")
+        if self.prune_dead:
+            raise GrowthError(f"{what}: prune_dead finds dead units of Dense/Conv layers only")
+        if self.backup_dir is not None:
+            raise GrowthError(f"{what}: backup_dir reads Dense/Conv widths from the checkpoint only")
 
     def _symmetry_per_layer(self, names, groups):
         """layer name -> the symmetry its splits use: ``symmetry``, except that ``"fresh"`` gives way to
@@ -239,7 +262,7 @@ class GrowthCallback(PlateauMonitor):
         if self.symmetry != "fresh":
             return out
         for name in names:
-            group = next((g for g in groups if name in g.producers), None)
+            group = group_named(groups, name)
             blocked = fresh_blocked_by(group) if group is not None else []
             if blocked:
                 out[name] = FRESH_FALLBACK
@@ -248,12 +271,14 @@ class GrowthCallback(PlateauMonitor):
         return out
 
     def _layer_objs(self):
-        return [self.model.get_layer(n) for n in self._names]
+        """The layers the scores read (the growing names that are Dense/Conv layers)."""
+        groups = graph_groups(self.model)
+        return [lay for lay in (scored_layer(self.model, n, groups) for n in self._names) if lay is not None]
 
     def widths(self):
-        """Current unit count of each layer that may grow."""
+        """Current unit count of each layer (or group) that may grow."""
         names = getattr(self, "_names", None) or growable_layers(self.model)
-        return {n: width_of(self.model.get_layer(n)) for n in names}
+        return group_widths(self.model, names)
 
     def _dead_data(self):
         """The data on which dead units are found (``prune_data``, else ``probe``)."""
@@ -308,7 +333,10 @@ class GrowthCallback(PlateauMonitor):
     # ---------------------------------------------------------------- grow
     def _choose(self):
         """Units to split per layer (layer name -> sorted indices), after both caps."""
-        return _budget.choose_units(self.model, self._layer_objs(), rule=self._rule, score=self._score,
+        groups = graph_groups(self.model)
+        widths = group_widths(self.model, self._names, groups)
+        layers = {n: (widths[n], scored_layer(self.model, n, groups)) for n in self._names}
+        return _budget.choose_units(self.model, layers, rule=self._rule, score=self._score,
                                     max_units=self.max_units, max_params=self.max_params)  # fmt: skip
 
     def prune_dead_units(self, epoch, value=None):

@@ -57,7 +57,7 @@ def _unscored(model, group) -> str | None:
     """Why the callbacks cannot rank and count the units of ``group`` (None when they can).
 
     ConvTranspose and SeparableConv kernels keep their units elsewhere, and a Dense reshaped into
-    channels has fewer units than kernel columns: ``widen`` splits those, the callbacks do not yet.
+    channels has fewer units than kernel columns: the callbacks split those with ``select="all"``.
     """
     layers = {lay.name: lay for lay in model._flatten_layers(include_self=False, recursive=True)}
     for path in group.producers:
@@ -71,36 +71,60 @@ def _unscored(model, group) -> str | None:
 
 
 def growable_layers(model, groups=None) -> list[str]:
-    """Names of the hidden Dense/Conv layers whose units can be split, in graph order.
+    """Names of the hidden Dense/Conv layers whose units can be split, in graph order: the callbacks'
+    default ``layers``.
 
     One name per coupled group whose ``refused`` is empty, that has a consumer and whose
     producers keep their units on the kernel's last axis: its first producer. The output
-    layer is never among them (the graph refuses units that reach a model output).
+    layer is never among them (the graph refuses units that reach a model output). Any other
+    splittable group (attention heads, ``d_model``) grows when ``layers=`` names it.
     Cost: one walk over the graph unless ``groups`` is given.
     """
     groups = graph_groups(model) if groups is None else groups
     return [g.producers[0] for g in groups if not g.refused and g.consumers and _unscored(model, g) is None]
 
 
+def group_named(groups, name):
+    """The coupled group ``name`` names (its own name or one of its producers), or None."""
+    return next((g for g in groups if g.name == name), None) or next((g for g in groups if name in g.producers), None)
+
+
 def why_not_growable(model, name, groups=None) -> str | None:
-    """Why layer ``name`` cannot grow (the reasons come from its group's ``refused``), or None when it can."""
+    """Why ``name`` (a layer or a coupled group's name) cannot grow (from its group's ``refused``), or None."""
+    groups = graph_groups(model) if groups is None else groups
+    group = group_named(groups, name)
+    if group is not None:
+        if group.refused:
+            return f"layer {name!r} cannot grow: " + "; ".join(group.refused)
+        if not group.consumers:
+            return f"layer {name!r} has no consuming layer; the output layer never grows"
+        return None
+    can = f"the layers that can be grown are {[g.name for g in groups if g.splittable and g.consumers]}"
     try:
         layer = model.get_layer(name)
     except ValueError:
-        layer = None
-    groups = graph_groups(model) if groups is None else groups
-    if layer is not None:
-        for g in groups:
-            if name in g.producers:
-                if g.refused:
-                    return f"layer {name!r} cannot grow: " + "; ".join(g.refused)
-                if not g.consumers:
-                    return f"layer {name!r} has no consuming layer; the output layer never grows"
-                return _unscored(model, g)
-    can = f"the layers that can be grown are {growable_layers(model, groups)}"
-    if layer is None:
         return f"the model has no layer named {name!r}; {can}"
-    return f"layer {name!r} is a {type(layer).__name__}, not a Dense/Conv layer whose units can be split; {can}"
+    return f"layer {name!r} is a {type(layer).__name__}, not a layer whose units can be split; {can}"
+
+
+def group_widths(model, names, groups=None) -> dict:
+    """name -> the unit count of the group it names. Cost: one walk over the graph unless ``groups`` is given."""
+    groups = graph_groups(model) if groups is None else groups
+    return {n: int(group_named(groups, n).width) for n in names}
+
+
+def scored_layer(model, name, groups=None):
+    """The layer whose kernel the scores read for ``name``, or None when its units are not a kernel's last
+    axis (attention heads, ``key_dim``, an embedding's width, a ConvTranspose): those grow with
+    ``select="all"`` and are not ranked."""
+    groups = graph_groups(model) if groups is None else groups
+    group = group_named(groups, name)
+    if group is None or _unscored(model, group) is not None:
+        return None
+    try:
+        return model.get_layer(name if name in group.producers else group.producers[0])
+    except ValueError:  # a layer inside a block
+        return None
 
 
 def refusals(groups) -> list[str]:

@@ -181,7 +181,7 @@ def gradients(model, x, y):
 
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean((model(x, training=False) - y) ** 2)
-        return [g.numpy() for g in tape.gradient(loss, tvars)]
+        return [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, tvars)]  # an embedding's: sparse
     if BACKEND == "jax":
         import jax
         import jax.numpy as jnp

@@ -404,9 +404,10 @@ def test_backup_and_restore_resumes_a_killed_grown_run(tmp_path):
     assert not os.path.exists(backup)  # BackupAndRestore cleaned up after finishing
 
 
-def test_producers_the_callbacks_cannot_rank_are_left_to_widen():
-    """A Conv2DTranspose keeps its units on the kernel's axis -2: widen splits it, the callbacks name it
-    as not growable (instead of reading a wrong width) when it is asked for."""
+def test_producers_the_callbacks_cannot_rank_grow_whole_when_named():
+    """A Conv2DTranspose keeps its units on the kernel's axis -2: the callbacks read its width from the
+    graph (not the kernel's last axis), grow it when named, with select="all" only, and leave it out
+    of the default layers."""
     L = keras.layers
     inp = keras.Input((4, 4, 2))
     h = L.Conv2DTranspose(3, 3, padding="same", name="t")(inp)
@@ -414,8 +415,11 @@ def test_producers_the_callbacks_cannot_rank_are_left_to_widen():
     model = keras.Model(inp, L.Dense(2, name="out")(L.Flatten()(h)))
     model.compile("adam", "mse")
     x, y = np.zeros((4, 4, 4, 2), "float32"), np.zeros((4, 2), "float32")
-    with pytest.raises(ValueError, match="'t'.*widen"):
-        model.fit(x, y, epochs=1, verbose=0, callbacks=[SplitEvery(epochs=1, layers=["t"], verbose=0)])
+    with pytest.raises(ValueError, match=r"\['t'\].*select='all'"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[SplitEvery(epochs=1, layers=["t"], select=1, verbose=0)])
+    grow = SplitEvery(epochs=1, layers=["t"], max_units=5, symmetry="none", verbose=0)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[grow])
+    assert grow.widths() == {"t": 5} and model.get_layer("t").filters == 5
     grow = SplitEvery(epochs=1, verbose=0)
     model.fit(x, y, epochs=1, verbose=0, callbacks=[grow])
     assert [list(e.layers) for e in grow.events] == [["d"]]
