@@ -11,6 +11,10 @@ the function exactly and keeps ``r`` constant. The groups, named like MultiHeadA
 - ``path/heads``: the key/value heads (width ``g``); a plan for them carries the query heads
   along (the query axis is the plan with each unit repeated ``r`` times, ``GroupRef.expand``);
   ``num_key_value_heads`` and ``num_query_heads`` follow.
+- ``path/query_heads``: the query heads of every group alike (width ``r``): a plan for them is
+  applied to each group's ``r`` query heads (the query axis holds ``g`` positions of them), the
+  key/value heads stay and ``r`` follows. With ``path/heads`` in the same event the query kernel
+  would take two plans on one axis, which is refused: grow them one after the other.
 - ``path/key_dim``: the head size, which GQA shares among Q, K and V: K and V columns copied,
   Q columns split by the ratios and multiplied by √(d'/d) (the layer's softmax scale becomes
   1/√d'), the output projection's rows split by the ratios. Refused under a rotary position
@@ -137,6 +141,19 @@ def _gqa(walk, op, labels):
             partial(dense, label.ref, 2)
     walk.config(layer, "num_query_heads", queries.ref)
     walk.consume(op, queries, o_kernel, 0, attr="output/kernel", fold=False)
+
+    # the query heads of every group alike (width r): query head h is unit h % r of group h // r, the
+    # "last" layout of g positions; the groups' key/value heads are untouched, r follows
+    qh = walk.produce(op, r, q_dense.kernel, 1, None, None, dim="query_heads", refused=why)
+    if gate is not None:
+        walk.incoming(op, qh, gate.kernel, 1, "gate/kernel")
+    for dense, what in ((q_dense, "query"), (gate, "gate")):
+        bias_state(qh, dense, 0, what)
+        if dense is not None:
+            partial(dense, qh.ref, 2)
+    walk.config(layer, "num_query_heads", qh.ref)
+    walk.config(layer, "num_repeats" if hasattr(layer, "num_repeats") else "num_key_value_groups", qh.ref)
+    walk.consume(op, qh, o_kernel, 0, attr="output/kernel", fold=False)
 
     kd_why = why
     if kd_why is None and rotary is not None:

@@ -1,8 +1,9 @@
 """Grouped-query attention, rotary embeddings, RMSNorm and gated FFNs: keras_hub's LlamaBackbone and Keras'
 GroupQueryAttention grow exactly (DESIGN.md, "Transformers and recurrent layers").
 
-A key/value head with its group of query heads is the unit of ``<attention>/heads``; the head size
-(``<attention>/key_dim``) grows in GroupQueryAttention and is refused under Llama's rotary embedding.
+A key/value head with its group of query heads is the unit of ``<attention>/heads``, the query heads of every
+group alike that of ``<attention>/query_heads``; the head size (``<attention>/key_dim``) grows in
+GroupQueryAttention and is refused under Llama's rotary embedding.
 """
 
 import keras
@@ -56,6 +57,7 @@ def _groups(kind):
     return {
         "ffn": [f"{b}/feedforward_intermediate_dense" for b in blocks],
         "heads": [f"{b}/self_attention/heads" for b in blocks],
+        "query_heads": [f"{b}/self_attention/query_heads" for b in blocks],
         "d_model": [f"{PREFIX}/token_embedding"],
     }[kind]
 
@@ -71,18 +73,19 @@ def test_llama_grows_exactly_trains_on_and_saves(tmp_path):
     groups = {g.name: g for g in fk.coupled_groups(model)}
     att, block = _attention(model), model.get_layer(PREFIX).get_layer("transformer_layer_0")
     before = _np(model(x))
-    for kind in ("ffn", "heads", "d_model"):
+    for kind in ("ffn", "heads", "query_heads", "d_model"):
         for name in _groups(kind):
             assert groups[name].splittable, groups[name].refused
         fk.widen(model, {name: None for name in _groups(kind)}, symmetry="none")
         _close(_np(model(x)), before)
     assert tuple(block._feedforward_gate_dense.kernel.shape) == (128, 256)
     assert tuple(block._feedforward_output_dense.kernel.shape) == (256, 128)
-    # every key/value head copied with its two query heads; the head size stays under d_model growth
-    assert (att.num_key_value_heads, att.num_query_heads, att.num_key_value_groups) == (4, 8, 2)
-    assert tuple(att._query_dense.kernel.shape) == (128, 8, 16)
+    # every key/value head copied with its two query heads, then every group's query heads doubled; the
+    # head size stays under d_model growth
+    assert (att.num_key_value_heads, att.num_query_heads, att.num_key_value_groups) == (4, 16, 4)
+    assert tuple(att._query_dense.kernel.shape) == (128, 16, 16)
     assert tuple(att._key_dense.kernel.shape) == (128, 4, 16)
-    assert tuple(att._output_dense.kernel.shape) == (8, 16, 128)
+    assert tuple(att._output_dense.kernel.shape) == (16, 16, 128)
     assert tuple(model.get_layer(PREFIX).get_layer("token_embedding").embeddings.shape) == (1000, 128)
     assert tuple(block._self_attention_layernorm.scale.shape) == (128,)
     losses = model.fit(x, y, epochs=3, verbose=0).history["loss"]
@@ -90,7 +93,7 @@ def test_llama_grows_exactly_trains_on_and_saves(tmp_path):
     model.save(tmp_path / "llama.keras")
     loaded = keras.models.load_model(tmp_path / "llama.keras")
     np.testing.assert_array_equal(_np(loaded(x)), _np(model(x)))
-    assert (_attention(loaded).num_key_value_heads, _attention(loaded).num_query_heads) == (4, 8)
+    assert (_attention(loaded).num_key_value_heads, _attention(loaded).num_query_heads) == (4, 16)
 
 
 def test_llama_key_dim_is_refused_under_rotary_and_the_model_is_left_alone():
@@ -138,21 +141,31 @@ def test_group_query_attention_grows_heads_head_size_and_width_exactly():
     fk.widen(model, {"gqa/heads": [1]}, symmetry="none")  # key/value head 1 and its query heads 3, 4, 5
     _close(_np(model(x)), before)
     assert (att.num_key_value_heads, att.num_query_heads, att.num_repeats) == (3, 9, 3)
+    fk.widen(model, {"gqa/query_heads": [0, 2]}, symmetry="none")  # query heads 0 and 2 of every group
+    _close(_np(model(x)), before)
+    assert (att.num_key_value_heads, att.num_query_heads, att.num_repeats) == (3, 15, 5)
     fk.widen(model, {"gqa/key_dim": [0, 3], "h": None}, symmetry="none")
     _close(_np(model(x)), before)
     assert att.head_dim == 6 and att._inverse_sqrt_head_dim == pytest.approx(6 ** -0.5)
-    assert tuple(att._query_dense.kernel.shape) == (16, 9, 6) and tuple(att._output_dense.kernel.shape) == (9, 6, 8)
+    assert tuple(att._query_dense.kernel.shape) == (16, 15, 6)
+    assert tuple(att._gate_dense.kernel.shape) == (16, 15, 6)
+    assert tuple(att._output_dense.kernel.shape) == (15, 6, 8)
     config = att.get_config()
-    assert (config["num_key_value_heads"], config["num_query_heads"], config["head_dim"]) == (3, 9, 6)
+    assert (config["num_key_value_heads"], config["num_query_heads"], config["head_dim"]) == (3, 15, 6)
 
 
-def test_group_query_attention_head_plan_of_the_wrong_length_leaves_the_model_alone():
-    model, _x = _gqa_model()
-    weights, config = [_np(w) for w in model.weights], model.get_config()
+@pytest.mark.parametrize("plans,match", [
+    ({"gqa/heads": 6}, "gqa/heads"),  # a plan of the wrong width (6 query heads, 2 key/value heads)
+    ({"gqa/heads": None, "gqa/query_heads": None}, "twice on axis 1"),  # two plans on the query heads' axis
+])
+def test_group_query_attention_bad_plans_leave_the_model_alone(plans, match):
     import fastsplit
 
-    with pytest.raises(fk.GrowthError, match="gqa/heads"):
-        fk.widen(model, {"gqa/heads": fastsplit.plan(6, [0], symmetry="none")}, symmetry="none")
+    model, _x = _gqa_model()
+    plans = {k: fastsplit.plan(v, [0], symmetry="none") if isinstance(v, int) else v for k, v in plans.items()}
+    weights, config = [_np(w) for w in model.weights], model.get_config()
+    with pytest.raises(fk.GrowthError, match=match):
+        fk.widen(model, plans, symmetry="none")
     assert model.get_config() == config
     for a, w in zip(weights, model.weights):
         np.testing.assert_array_equal(a, _np(w))
