@@ -36,7 +36,7 @@ refused where the copies of a unit would land in different shards of a sharded a
 
 Refused before anything changes (``GrowthError``): a new length that the mesh axes sharding it do not
 divide (the message names the variable, the mesh axes and the widths that would fit), an array whose
-sharding is not a ``NamedSharding`` or that is not fully addressable (multi-process), draws on a
+sharding is not a ``NamedSharding`` or that is sharded across processes (a replicated one grows), draws on a
 sharded axis that holds several positions per unit (a Flatten), and prune or merge of a sharded (not
 replicated) variable.
 """
@@ -91,9 +91,11 @@ class Sharded:
         self.value = value
         self.sharding = value.sharding
         self.shape = tuple(int(s) for s in value.shape)
-        if not value.is_fully_addressable:
-            raise GrowthError(f"variable {path} spans several processes: fastsplit grows arrays whose shards are all "
-                              "addressable from this process (multi-process JAX is not supported yet)")
+        # across processes (jax.distributed), a replica held whole here is split here, as every process
+        # does with the same plan and seed; a shard another process holds cannot be read
+        if not value.is_fully_addressable and not value.sharding.is_fully_replicated:
+            raise GrowthError(f"variable {path} is sharded across processes: fastsplit grows multi-process arrays "
+                              "only when replicated (keras.distribution.DataParallel), not sharded (ModelParallel)")
         if not isinstance(self.sharding, jax.sharding.NamedSharding):
             raise GrowthError(f"variable {path} has a {type(self.sharding).__name__}: fastsplit grows sharded "
                               "variables with a NamedSharding (keras.distribution layouts)")
