@@ -67,11 +67,12 @@ class TokenAndPositionEmbedding(layers.Layer):
         return x + positions
 
 
-def _text_classifier(vocab_size=50, maxlen=12, embed_dim=8, num_heads=2, ff_dim=16):
+def _text_classifier(vocab_size=50, maxlen=12, embed_dim=8, num_heads=2, ff_dim=16,
+                     block=TransformerBlock, embedding=TokenAndPositionEmbedding):
     inputs = layers.Input(shape=(maxlen,))
-    embedding_layer = TokenAndPositionEmbedding(maxlen, vocab_size, embed_dim)
+    embedding_layer = embedding(maxlen, vocab_size, embed_dim)
     x = embedding_layer(inputs)
-    transformer_block = TransformerBlock(embed_dim, num_heads, ff_dim)
+    transformer_block = block(embed_dim, num_heads, ff_dim)
     x = transformer_block(x)
     x = layers.GlobalAveragePooling1D()(x)
     x = layers.Dropout(0.1)(x)
@@ -103,6 +104,50 @@ def test_keras_io_text_classifier_grows_everywhere_and_trains_on():
     assert tuple(model.layers[1].pos_emb.embeddings.shape) == (12, 16)
     history = model.fit(x, y, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+# Keras rebuilds a layer with ``cls(**config)``, and the published __init__s take no name, trainable or
+# dtype, so the example as published cannot be loaded even ungrown; registered, with **kwargs, it can.
+@keras.saving.register_keras_serializable(package="keras_io_example")
+class SavableTransformerBlock(TransformerBlock):
+    def __init__(self, embed_dim, num_heads, ff_dim, rate=0.1, **kwargs):
+        super().__init__(embed_dim, num_heads, ff_dim, rate)
+
+
+@keras.saving.register_keras_serializable(package="keras_io_example")
+class SavableTokenAndPositionEmbedding(TokenAndPositionEmbedding):
+    def __init__(self, maxlen, vocab_size, embed_dim, **kwargs):
+        super().__init__(maxlen, vocab_size, embed_dim)
+
+
+def test_keras_io_text_classifier_saves_and_loads_grown(tmp_path):
+    """The block's config is its constructor's arguments, so it comes back at its first widths, and under new
+    names (the published __init__ passes no name on); loading replays the growth on it by shape."""
+    model = _text_classifier(block=SavableTransformerBlock, embedding=SavableTokenAndPositionEmbedding)
+    x = RNG.integers(0, 50, size=(4, 12))
+    y = np.array([0, 1, 1, 0])
+    _split_everything(model, x)
+    fk.widen(model, {"savable_transformer_block/multi_head_attention/heads": [0]}, symmetry="none")  # 4 -> 5
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", run_eagerly=True)
+    model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "classifier.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.layers[2].name != "savable_transformer_block"  # renamed: found by position, not name
+    assert (loaded.layers[2].att.num_heads, loaded.layers[2].att.key_dim) == (5, 16)
+    np.testing.assert_array_equal(_np(loaded(x)), _np(model(x)))
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(_np(a), _np(b))
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(_np(a), _np(b))
+    assert fk.history(loaded) == fk.history(model)
+    # grown again under its new names and saved again: the history now names the block both ways
+    block = loaded.layers[2]
+    fk.widen(loaded, {f"{block.name}/{block.ffn.name}/{block.ffn.layers[0].name}": [0, 0]}, symmetry="none")
+    loaded.save(path)
+    again = keras.models.load_model(path)
+    assert tuple(again.layers[2].ffn.layers[0].kernel.shape) == (16, 34)
+    np.testing.assert_array_equal(_np(again(x)), _np(loaded(x)))
 
 
 def test_non_uniform_d_model_plan_names_the_plans_allowed():
