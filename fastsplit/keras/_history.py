@@ -25,7 +25,7 @@ from keras.src.models.functional import Functional
 
 from ._errors import GrowthError
 from ._event import GrowthEvent, check_event_dict
-from ._replay import locate, restore_widths, unbuilt
+from ._replay import check_at, locate, restore_widths, unbuilt
 
 KEY = "fastsplit_history"
 
@@ -108,6 +108,8 @@ def check_history(hist, model_name=None) -> list:
             raise GrowthError(f"{KEY} must be a list of GrowthEvent dicts; got {type(hist).__name__} {hist!r:.200}")
         for i, d in enumerate(hist):
             check_event_dict(d, f"{KEY}[{i}]")
+            for path, lg in d.get("layers", {}).items():
+                check_at(lg.get("at"), f"{KEY}[{i}]['layers'][{path!r}]")
     except GrowthError as e:
         raise GrowthError(f"the saved growth history{whose} is malformed: {e}") from None
     return hist

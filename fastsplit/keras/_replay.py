@@ -140,9 +140,10 @@ def resolve(model, at) -> str | None:
     return "/".join(parts)
 
 
-def _check_at(at, where):
-    if not isinstance(at, list) or not at or not all(
-            isinstance(a, str) or isinstance(a, int) and not isinstance(a, bool) for a in at):
+def check_at(at, where):
+    """GrowthError naming ``where`` unless ``at`` is None (a history from before ``at``) or what :func:`locate` gives."""
+    if at is not None and (not isinstance(at, list) or not at or not all(
+            isinstance(a, str) or isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in at)):
         raise GrowthError(f"{where}['at'] must be a list of child indices and names; got {at!r:.200}")
 
 
@@ -193,9 +194,7 @@ def _chains(model, hist, events, owner, fail):
     found: dict = {}  # (event index, saved path) -> the rebuilt group's name
     for i, ev in enumerate(events):
         for path, lg in ev.layers.items():
-            at = hist[i]["layers"][path].get("at")
-            if at is not None:
-                _check_at(at, f"fastsplit_history[{i}]['layers'][{path!r}]")
+            at = hist[i]["layers"][path].get("at")  # checked with the rest of the history (check_at)
             grp = owner.get(path if at is None else resolve(model, at))
             if grp is None:
                 raise fail(f"fastsplit_history[{i}] grew {path!r}"
