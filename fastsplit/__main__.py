@@ -8,7 +8,9 @@ USAGE = """usage: fastsplit <command> [options]
 
 commands:
   demo    grow a network on MNIST while it trains and compare it with fixed-size
-          baselines (fastsplit demo --help for the options)
+          baselines (fastsplit demo --help for the options); fastsplit demo
+          --task lm: a byte-level language model trained from scratch against
+          the same model grown, with its plot
 """
 
 

