@@ -180,3 +180,21 @@ def test_bad_input_leaves_the_model_bit_identical():
         np.testing.assert_array_equal(a, b)
     for a, b in zip(o0, [np.array(keras.ops.convert_to_numpy(v)) for v in model.optimizer.variables]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_callback_splits_the_units_with_the_most_negative_curvature():
+    from fastsplit.keras import SplitEvery
+
+    model = tiny(d=5, units=4)
+    x, y = batch(n=32, d=5)
+    probe = (x[:16], y[:16])
+    lam, _ = splitting_scores(model, model.get_layer("h"), *probe)
+    cb = SplitEvery(epochs=1, select=1, score="splitting", probe=probe, layers=["h"], symmetry="none")
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[cb])
+    # one unit split into two exact copies: the new unit repeats the incoming weights of the best-ranked one
+    k = weights(model)[0]
+    assert k.shape == (5, 5)
+    twin = [u for u in range(4) if np.array_equal(k[:, u], k[:, 4])]
+    lam_end = cb._score.eigenvalues["h"]  # ranked after the epoch's step
+    assert twin == [int(np.argmin(lam_end))]
+    assert lam.shape == lam_end.shape
