@@ -198,3 +198,21 @@ def test_a_callback_splits_the_units_with_the_most_negative_curvature():
     lam_end = cb._score.eigenvalues["h"]  # ranked after the epoch's step
     assert twin == [int(np.argmin(lam_end))]
     assert lam.shape == lam_end.shape
+
+
+def test_functional_models_match_and_a_skip_around_the_layer_is_refused():
+    seq = tiny(d=5, units=4)
+    x, y = batch(n=8, d=5)
+    i = keras.Input((5,))
+    o = L.Dense(2, name="out")(L.Dense(4, activation="tanh", name="h")(i))
+    fn = keras.Model(i, o)
+    fn.compile(optimizer="adam", loss="mse")
+    fn.set_weights(seq.get_weights())
+    np.testing.assert_allclose(splitting_scores(fn, fn.get_layer("h"), x, y)[0],
+                               splitting_scores(seq, seq.get_layer("h"), x, y)[0], rtol=1e-6, atol=1e-9)
+    i = keras.Input((5,))
+    o = L.Dense(2, name="out")(L.Add()([L.Dense(5, activation="tanh", name="h")(i), i]))
+    skip = keras.Model(i, o)
+    skip.compile(optimizer="adam", loss="mse")
+    with pytest.raises(GrowthError, match="only through layer 'h'"):
+        splitting_scores(skip, skip.get_layer("h"), x, y)
