@@ -73,6 +73,7 @@ else:
 
     import jax
 
+    jax.config.update("jax_disable_most_optimizations", True)  # tiny models: compiling is most of the time
     keras.distribution.initialize(f"127.0.0.1:{PORTS[0]}", num_processes=2, process_id=INDEX)
     assert jax.process_count() == 2 and len(jax.devices()) == 2, jax.devices()
     _dist = keras.distribution.DataParallel(devices=jax.devices())
@@ -170,7 +171,7 @@ def widen():
     # everywhere keep the replicas equal
     seed = INDEX if BACKEND == "tensorflow" else 3
     fk.widen(model, {"h2": fastsplit.plan(6, [0, 1, 2], symmetry="fresh", seed=seed)})
-    hist = model.fit(X, Y, epochs=2, **FIT)
+    hist = model.fit(X, Y, epochs=1, **FIT)
     assert np.isfinite(hist.history["loss"]).all()
     assert widths(model) == {"h1": 16, "h2": 9}, widths(model)
     if BACKEND == "tensorflow":
@@ -187,7 +188,7 @@ def plateau():
     """SplitOnPlateau inside ``fit``: the decision, the units and the draws, per worker."""
     model = build()
     cb, logs = plateau_callback(), Logs()
-    model.fit(X, Y, epochs=4, callbacks=[cb, logs], **FIT)
+    model.fit(X, Y, epochs=3, callbacks=[cb, logs], **FIT)
     assert cb.event_epochs == [1], cb.event_epochs
     dump(model, "plateau")
     return {"logs": logs.epochs, "state": state(cb), "widths": widths(model), "local_loss": local_loss(model)}
@@ -232,7 +233,7 @@ def resume_kill():
     """First run: grows at epoch 1, BackupAndRestore saves, then both workers are killed."""
     model = build()
     cb = plateau_callback(backup_dir())
-    model.fit(X, Y, epochs=4, callbacks=[cb, keras.callbacks.BackupAndRestore(backup_dir()), Kill(cb, 1)], **FIT)
+    model.fit(X, Y, epochs=3, callbacks=[cb, keras.callbacks.BackupAndRestore(backup_dir()), Kill(cb, 1)], **FIT)
     raise AssertionError("the worker was not killed")
 
 
@@ -242,7 +243,7 @@ def resume():
     assert widths(model) == {"h1": 8, "h2": 6}
     cb = plateau_callback(backup_dir())
     seen = Resumed(cb)
-    model.fit(X, Y, epochs=4, callbacks=[cb, keras.callbacks.BackupAndRestore(backup_dir()), seen], **FIT)
+    model.fit(X, Y, epochs=3, callbacks=[cb, keras.callbacks.BackupAndRestore(backup_dir()), seen], **FIT)
     assert cb.event_epochs == [1], cb.event_epochs  # no second growth: the cooldown was resumed too
     dump(model, "resume")
     return {**seen.seen, "final_widths": widths(model)}
