@@ -128,7 +128,9 @@ def test_keras_io_text_classifier_saves_and_loads_grown(tmp_path):
     y = np.array([0, 1, 1, 0])
     _split_everything(model, x)
     fk.widen(model, {"savable_transformer_block/multi_head_attention/heads": [0]}, symmetry="none")  # 4 -> 5
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", run_eagerly=True)
+    # one step: TensorFlow's tracing costs more than running it eagerly, JAX's eager ops more than compiling
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
+                  run_eagerly=keras.backend.backend() == "tensorflow")
     model.fit(x, y, epochs=1, verbose=0)
     path = str(tmp_path / "classifier.keras")
     model.save(path)
