@@ -136,47 +136,49 @@ def _einsum_dense(walk, op, labels):
 
 # -- MultiHeadAttention ----------------------------------------------------------------------------------
 
-#: layer -> the object whose ``key_dim`` attribute the swap sets (one per layer, so that two graphs over
-#: the same layer rewrite it once)
-_KEY_DIMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class HeadSize:
+    """An attention layer's head size (``attr``) and its softmax scale (``inverse``, 1/√size), set together.
 
+    The swap rewrites ``size`` as a config (``walk.config(HeadSize.of(...), "size", ref)``); one holder
+    per layer and attribute, so that two graphs over the same layer rewrite it once.
+    """
 
-class _KeyDim:
-    """``key_dim`` of a MultiHeadAttention: setting it sets the layer's softmax scale 1/√key_dim too."""
+    _held: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {attr: holder}
 
-    def __init__(self, layer):
-        self._layer = weakref.ref(layer)
+    def __init__(self, layer, attr, inverse):
+        self._layer, self._attr, self._inverse = weakref.ref(layer), attr, inverse
+
+    @classmethod
+    def of(cls, layer, attr, inverse) -> HeadSize:
+        held = cls._held.setdefault(layer, {})
+        if attr not in held:
+            held[attr] = cls(layer, attr, inverse)
+        return held[attr]
 
     @property
-    def key_dim(self) -> int:
-        return self._layer()._key_dim
+    def size(self) -> int:
+        return getattr(self._layer(), self._attr)
 
-    @key_dim.setter
-    def key_dim(self, value) -> None:
+    @size.setter
+    def size(self, value) -> None:
         layer = self._layer()
-        layer._key_dim = int(value)
-        layer._inverse_sqrt_key_dim = 1.0 / math.sqrt(float(value))
+        setattr(layer, self._attr, int(value))
+        setattr(layer, self._inverse, 1.0 / math.sqrt(float(value)))
 
 
-def _key_dim_holder(layer) -> _KeyDim:
-    holder = _KEY_DIMS.get(layer)
-    if holder is None:
-        holder = _KEY_DIMS[layer] = _KeyDim(layer)
-    return holder
-
-
-def _call_arguments(op) -> dict:
-    """The arguments of the call by parameter name (``query``, ``value``, ``key``, ...)."""
-    node = op.node
-    args, kwargs = list(node.arguments.args), dict(node.arguments.kwargs)
+def call_arguments(op, positional=()) -> dict:
+    """The arguments of a layer's call by parameter name; where the signature does not bind, the
+    positional arguments are named by ``positional`` and the keywords kept."""
+    args, kwargs = list(op.node.arguments.args), dict(op.node.arguments.kwargs)
     try:
         bound = inspect.signature(op.layer.call).bind(*args, **kwargs)
     except TypeError:
-        return dict(zip(("query", "value", "key"), args)) | kwargs
+        return dict(zip(positional, args)) | kwargs
     return dict(bound.arguments)
 
 
-def _sqrt_ratio(plan) -> float:
+def sqrt_ratio(plan) -> float:
+    """√(k'/k): the factor on the query's columns that the new softmax scale 1/√k' takes back."""
     return math.sqrt(plan.new_width / plan.width)
 
 
@@ -185,7 +187,7 @@ def _attention(walk, op, labels):
     name = type(layer).__name__
     q_dense, k_dense, v_dense, o_dense = layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense
     gate = getattr(layer, "_gate_dense", None) if getattr(layer, "_use_gate", False) else None
-    args = _call_arguments(op)
+    args = call_arguments(op, ("query", "value", "key"))
     by_id = {k: lb for k, lb in zip(op.inputs, labels)}
 
     def label_of(arg):
@@ -237,13 +239,13 @@ def _attention(walk, op, labels):
     walk.consume(op, heads, o_kernel, 0, attr="output/kernel", fold=False)
 
     kd = walk.produce(op, layer._key_dim, k_dense.kernel, 2, None, None, dim="key_dim", refused=why)
-    walk.config(_key_dim_holder(layer), "key_dim", kd.ref)
+    walk.config(HeadSize.of(layer, "_key_dim", "_inverse_sqrt_key_dim"), "size", kd.ref)
     bias_state(kd, k_dense, 1, "key")
     walk.consume(op, kd, q_dense.kernel, 2, attr="query/kernel", fold=False)
-    walk.uses[-1].factor = _sqrt_ratio
+    walk.uses[-1].factor = sqrt_ratio
     if q_dense.bias is not None:
         walk.consume(op, kd, q_dense.bias, 1, attr="query/bias", fold=False)
-        walk.uses[-1].factor = _sqrt_ratio
+        walk.uses[-1].factor = sqrt_ratio
     partial(q_dense, kd, 1)
     partial(k_dense, kd, 1)
 
@@ -282,7 +284,7 @@ def _embedding(walk, op, labels):
 
 def _reversible_embedding(walk, op, labels):
     layer = op.layer
-    reverse = bool(_call_arguments(op).get("reverse", False))
+    reverse = bool(call_arguments(op).get("reverse", False))
     if not reverse:
         return _embedding(walk, op, labels)
     lab = labels[0] if labels else None

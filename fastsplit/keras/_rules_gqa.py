@@ -32,51 +32,8 @@ Everything here depends on the graph only. Cost: O(layers).
 
 from __future__ import annotations
 
-import inspect
-import math
-import weakref
-
+from ._rules_attention import HeadSize, call_arguments, sqrt_ratio
 from ._units import GroupRef, Label
-
-#: layer -> the object whose ``head_dim`` attribute the swap sets (one per layer)
-_HEAD_DIMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class _HeadDim:
-    """``head_dim`` of a GroupQueryAttention: setting it sets the layer's softmax scale 1/√head_dim too."""
-
-    def __init__(self, layer):
-        self._layer = weakref.ref(layer)
-
-    @property
-    def head_dim(self) -> int:
-        return self._layer().head_dim
-
-    @head_dim.setter
-    def head_dim(self, value) -> None:
-        layer = self._layer()
-        layer.head_dim = int(value)
-        layer._inverse_sqrt_head_dim = 1.0 / math.sqrt(float(value))
-
-
-def _head_dim_holder(layer) -> _HeadDim:
-    holder = _HEAD_DIMS.get(layer)
-    if holder is None:
-        holder = _HEAD_DIMS[layer] = _HeadDim(layer)
-    return holder
-
-
-def _arguments(op) -> dict:
-    """The call's arguments by parameter name."""
-    args, kwargs = list(op.node.arguments.args), dict(op.node.arguments.kwargs)
-    try:
-        return dict(inspect.signature(op.layer.call).bind(*args, **kwargs).arguments)
-    except TypeError:
-        return kwargs
-
-
-def _sqrt_ratio(plan) -> float:
-    return math.sqrt(plan.new_width / plan.width)
 
 
 def _gqa(walk, op, labels):
@@ -88,7 +45,7 @@ def _gqa(walk, op, labels):
     g = int(layer.num_key_value_heads)
     r = int(layer.num_query_heads) // g
     head_dim = int(k_dense.kernel.shape[-1])
-    args = _arguments(op)
+    args = call_arguments(op)
     if "hidden_states" in args:  # LlamaAttention: self-attention on one input
         names = {"query": "hidden_states", "key": "hidden_states", "value": "hidden_states"}
     else:
@@ -164,17 +121,17 @@ def _gqa(walk, op, labels):
     kd = walk.produce(op, head_dim, k_dense.kernel, 2, None, None, dim="key_dim", refused=kd_why)
     if kd_why is not None:
         return out
-    walk.config(_head_dim_holder(layer), "head_dim", kd.ref)
+    walk.config(HeadSize.of(layer, "head_dim", "_inverse_sqrt_head_dim"), "size", kd.ref)
     walk.incoming(op, kd, v_dense.kernel, 2, "value/kernel")
     if gate is not None:
         walk.incoming(op, kd, gate.kernel, 2, "gate/kernel")
     for dense, what in ((k_dense, "key"), (v_dense, "value"), (gate, "gate")):
         bias_state(kd, dense, 1, what)
     walk.consume(op, kd, q_dense.kernel, 2, attr="query/kernel", fold=False)
-    walk.uses[-1].factor = _sqrt_ratio
+    walk.uses[-1].factor = sqrt_ratio
     if q_dense.bias is not None:
         walk.consume(op, kd, q_dense.bias, 1, attr="query/bias", fold=False)
-        walk.uses[-1].factor = _sqrt_ratio
+        walk.uses[-1].factor = sqrt_ratio
     for dense in (q_dense, k_dense, v_dense, gate):
         if dense is not None:
             partial(dense, kd.ref, 1)
