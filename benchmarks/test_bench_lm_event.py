@@ -42,7 +42,7 @@ import tracemalloc
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_bench_keras import PeakRSS  # noqa: E402  (one RSS sampler for the benchmarks)
+from test_bench_keras import PeakRSS, copyto_seconds  # noqa: E402  (one RSS sampler and copy baseline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,25 +113,6 @@ def _shapes(model) -> dict:
     out = {f"w:{v.path}": tuple(v.shape) for v in model.weights}
     out.update({f"o:{v.path}": tuple(v.shape) for v in model.optimizer.variables})
     return out
-
-
-def copyto_seconds(shapes, rounds: int) -> tuple[float, float]:
-    """``np.copyto`` into arrays of ``shapes``: (median into touched memory, into fresh ``np.empty``)."""
-    import numpy as np
-
-    src = [np.ones(s, dtype="float32") for s in shapes]
-    t = time.perf_counter()
-    dst = [np.empty(s, dtype="float32") for s in shapes]
-    for d, s in zip(dst, src, strict=True):
-        np.copyto(d, s)
-    fresh = time.perf_counter() - t
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for d, s in zip(dst, src, strict=True):
-            np.copyto(d, s)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), fresh
 
 
 def measure(variant: str, rounds: int = ROUNDS) -> dict:
