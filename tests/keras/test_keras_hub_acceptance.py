@@ -8,7 +8,7 @@ configs are their constructor arguments, which cannot say how they grew: loading
 events on them by shape (``fastsplit/keras/_replay.py``, ``restore_widths``).
 
 Unmarked: the four dimensions one after another on one GPT2 model, then training and the round trip
-(TensorFlow and PyTorch; slow on JAX, which passed it in 240 s on a loaded 2-core VM); a saved history
+(TensorFlow and PyTorch; slow on JAX, where it passed in 31 s idle, 240 s on a loaded VM); a saved history
 that does not fit, and loading a grown GPT2 config (every backend). Slow (TensorFlow in ``make test``): the same on
 BERT, and each dimension alone on a fresh model of each, with one more training step after loading.
 """
@@ -88,7 +88,7 @@ def _round_trip(model, x, tmp_path):
     return loaded
 
 
-# JAX compiles the grown model's steps anew after every event: over 40 s there on the 2-core VM, slow
+# JAX compiles the grown model's steps anew after every event: 31 s there on the idle 2-core VM (TF 8 s, torch 4 s), slow
 JAX = keras.backend.backend() == "jax"
 
 
