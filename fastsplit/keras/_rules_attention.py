@@ -177,6 +177,25 @@ def call_arguments(op, positional=()) -> dict:
     return dict(bound.arguments)
 
 
+def project_in_out(walk, op, o_dense, reads, why):
+    """The width an attention layer's output projection writes (its group, returned), and the split units
+    its input projections read: ``reads`` holds ``(label, dense, what)`` per projection (a None label
+    or dense is skipped). The output comes first: its kernel is the layer's first incoming weight."""
+    name = type(op.layer).__name__
+    o_kernel = o_dense.kernel
+    out = walk.produce(op, o_kernel.shape[-1], o_kernel, -1, o_dense.bias, None, axis=-1, refused=why)
+    walk.config(o_dense, "partial_output_shape", out.ref, index=len(o_dense.partial_output_shape) - 1)
+    for lb, dense, what in reads:
+        if lb is None or dense is None or why is not None:
+            continue
+        if lb.units.axis != lb.units.rank - 1 or lb.units.positions != 1:
+            walk.refuse(lb, f"layer {op.path!r} ({name}) reads its {what} on the last axis, but the units sit on "
+                            f"axis {lb.units.axis}")
+        else:
+            walk.consume(op, lb, dense.kernel, 0, attr=f"{what}/kernel", fold=False)
+    return out
+
+
 def sqrt_ratio(plan) -> float:
     """√(k'/k): the factor on the query's columns that the new softmax scale 1/√k' takes back."""
     return math.sqrt(plan.new_width / plan.width)
@@ -207,19 +226,9 @@ def _attention(walk, op, labels):
         why = f"layer {op.path!r} ({name}) has an output_shape of several axes"
     if why is not None:
         walk.refuse([q_lab, v_lab, k_lab], why)
-    # d_model written by the output projection first: its kernel is the layer's first incoming weight
     o_kernel = o_dense.kernel
-    out = walk.produce(op, o_kernel.shape[-1], o_kernel, -1, o_dense.bias, None, axis=-1, refused=why)
-    walk.config(o_dense, "partial_output_shape", out.ref, index=len(o_dense.partial_output_shape) - 1)
-    for lb, dense, what in ((q_lab, q_dense, "query"), (k_lab, k_dense, "key"), (v_lab, v_dense, "value"),
-                            (q_lab, gate, "gate")):
-        if lb is None or dense is None or why is not None:
-            continue
-        if lb.units.axis != lb.units.rank - 1 or lb.units.positions != 1:
-            walk.refuse(lb, f"layer {op.path!r} ({name}) reads its {what} on the last axis, but the units sit on "
-                            f"axis {lb.units.axis}")
-        else:
-            walk.consume(op, lb, dense.kernel, 0, attr=f"{what}/kernel", fold=False)
+    out = project_in_out(walk, op, o_dense, ((q_lab, q_dense, "query"), (k_lab, k_dense, "key"),
+                                             (v_lab, v_dense, "value"), (q_lab, gate, "gate")), why)
 
     def bias_state(lab, dense, axis, what):
         if dense is not None and dense.bias is not None:

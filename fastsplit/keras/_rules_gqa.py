@@ -32,7 +32,7 @@ Everything here depends on the graph only. Cost: O(layers).
 
 from __future__ import annotations
 
-from ._rules_attention import HeadSize, call_arguments, sqrt_ratio
+from ._rules_attention import HeadSize, call_arguments, project_in_out, sqrt_ratio
 from ._units import GroupRef, Label
 
 
@@ -65,17 +65,8 @@ def _gqa(walk, op, labels):
         walk.refuse(list(lab.values()), why)
 
     o_kernel = o_dense.kernel
-    out = walk.produce(op, o_kernel.shape[-1], o_kernel, -1, o_dense.bias, None, axis=-1, refused=why)
-    walk.config(o_dense, "partial_output_shape", out.ref, index=len(o_dense.partial_output_shape) - 1)
-    for what, dense in (("query", q_dense), ("key", k_dense), ("value", v_dense), ("gate", gate)):
-        lb = lab["query" if what == "gate" else what]
-        if lb is None or dense is None or why is not None:
-            continue
-        if lb.units.axis != lb.units.rank - 1 or lb.units.positions != 1:
-            walk.refuse(lb, f"layer {op.path!r} ({name}) reads its {what} on the last axis, but the units sit on "
-                            f"axis {lb.units.axis}")
-        else:
-            walk.consume(op, lb, dense.kernel, 0, attr=f"{what}/kernel", fold=False)
+    out = project_in_out(walk, op, o_dense, ((lab["query"], q_dense, "query"), (lab["key"], k_dense, "key"),
+                                             (lab["value"], v_dense, "value"), (lab["query"], gate, "gate")), why)
 
     def bias_state(label, dense, axis, what):
         if dense is not None and dense.bias is not None:
