@@ -177,6 +177,18 @@ def call_arguments(op, positional=()) -> dict:
     return dict(bound.arguments)
 
 
+def io_refusal(op, labels, known) -> str | None:
+    """Why an attention layer cannot be split whatever its layout (None when it can): it returns more than
+    its output, or split units reach it through an argument other than the inputs in ``known`` (ids)."""
+    name = type(op.layer).__name__
+    if len(op.outputs) != 1:
+        return (f"layer {op.path!r} ({name}) returns {len(op.outputs)} tensors (attention scores or a cache); "
+                "fastsplit splits an attention layer that returns its output only")
+    if any(lb is not None for k, lb in zip(op.inputs, labels) if k not in known):
+        return f"layer {op.path!r} ({name}) takes split units in a mask or cache argument"
+    return None
+
+
 def project_in_out(walk, op, o_dense, reads, why):
     """The width an attention layer's output projection writes (its group, returned), and the split units
     its input projections read: ``reads`` holds ``(label, dense, what)`` per projection (a None label
@@ -216,13 +228,8 @@ def _attention(walk, op, labels):
     q_lab, v_lab = label_of("query"), label_of("value")
     k_lab = label_of("key") if args.get("key") is not None else v_lab
     known = {id(args.get(a)) for a in ("query", "value", "key") if args.get(a) is not None}
-    why = None
-    if len(op.outputs) != 1:
-        why = (f"layer {op.path!r} ({name}) returns {len(op.outputs)} tensors (attention scores or a cache); "
-               "fastsplit splits an attention layer that returns its output only")
-    elif any(lb is not None for k, lb in zip(op.inputs, labels) if k not in known):
-        why = f"layer {op.path!r} ({name}) takes split units in a mask or cache argument"
-    elif len(o_dense.kernel.shape) != 3:
+    why = io_refusal(op, labels, known)
+    if why is None and len(o_dense.kernel.shape) != 3:
         why = f"layer {op.path!r} ({name}) has an output_shape of several axes"
     if why is not None:
         walk.refuse([q_lab, v_lab, k_lab], why)

@@ -32,7 +32,7 @@ Everything here depends on the graph only. Cost: O(layers).
 
 from __future__ import annotations
 
-from ._rules_attention import HeadSize, call_arguments, project_in_out, sqrt_ratio
+from ._rules_attention import HeadSize, call_arguments, io_refusal, project_in_out, sqrt_ratio
 from ._units import GroupRef, Label
 
 
@@ -53,13 +53,9 @@ def _gqa(walk, op, labels):
     by_id = dict(zip(op.inputs, labels))
     lab = {what: by_id.get(id(args.get(arg))) for what, arg in names.items()}
     known = {id(args.get(arg)) for arg in names.values()}
-    why = None
-    if len(op.outputs) != 1:
-        why = (f"layer {op.path!r} ({name}) returns {len(op.outputs)} tensors (attention scores or a cache); "
-               "fastsplit splits an attention layer that returns its output only")
-    elif any(lb is not None for k, lb in zip(op.inputs, labels) if k not in known):
-        why = f"layer {op.path!r} ({name}) takes split units in a mask or cache argument"
-    elif len(o_dense.kernel.shape) != 3 or len(q_dense.kernel.shape) != 3 or int(layer.num_query_heads) != g * r:
+    why = io_refusal(op, labels, known)
+    if why is None and (len(o_dense.kernel.shape) != 3 or len(q_dense.kernel.shape) != 3
+                        or int(layer.num_query_heads) != g * r):
         why = f"layer {op.path!r} ({name}) does not have the layout of grouped-query attention fastsplit reads"
     if why is not None:
         walk.refuse(list(lab.values()), why)
