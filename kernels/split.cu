@@ -49,14 +49,20 @@
 // unless FASTSPLIT_INSTANTIATE.
 
 #ifndef FS_THREADS
-#define FS_THREADS 256  // threads per block (the host launches exactly this many)
+#define FS_THREADS 128  // threads per block (the host launches exactly this many)
 #endif
 #ifndef FS_ITEMS
 #define FS_ITEMS 4      // 16-byte vectors per thread per tile
 #endif
 #ifndef FS_MIN_BLOCKS
-#define FS_MIN_BLOCKS 1 // blocks per SM the register budget must allow (__launch_bounds__)
+#define FS_MIN_BLOCKS 8 // blocks per SM the register budget must allow (__launch_bounds__)
 #endif
+// The drawing instances need about 96 registers (float64 log/cos); a min-blocks bound that leaves
+// fewer would make them spill, so theirs is capped at what 96 registers per thread allow.
+#define FS_NOISE_REGS 96
+#define FS_NOISE_MIN_BLOCKS_CAP (65536 / (FS_THREADS * FS_NOISE_REGS) > 0 ? 65536 / (FS_THREADS * FS_NOISE_REGS) : 1)
+#define FS_MIN_BLOCKS_FOR(NOISE) \
+    ((NOISE) && FS_MIN_BLOCKS > FS_NOISE_MIN_BLOCKS_CAP ? FS_NOISE_MIN_BLOCKS_CAP : FS_MIN_BLOCKS)
 
 namespace fs {
 
@@ -538,13 +544,13 @@ __device__ __forceinline__ void split_body(const char* __restrict__ blob, i64 nt
 // compiles the draws out: their float64 log/cos hold registers that every launch would pay for in
 // occupancy, so launches with no drawing task use that instance.
 template <class Tr, bool NOISE>
-__global__ void __launch_bounds__(FS_THREADS, FS_MIN_BLOCKS)
+__global__ void __launch_bounds__(FS_THREADS, FS_MIN_BLOCKS_FOR(NOISE))
 fastsplit_split(const char* __restrict__ blob, long long ntasks, long long total_tiles) {
     fs::split_body<Tr, false, NOISE>(blob, ntasks, total_tiles);
 }
 
 template <class Tr, bool NOISE>
-__global__ void __launch_bounds__(FS_THREADS, FS_MIN_BLOCKS)
+__global__ void __launch_bounds__(FS_THREADS, FS_MIN_BLOCKS_FOR(NOISE))
 fastsplit_split2(const char* __restrict__ blob, long long ntasks, long long total_tiles) {
     fs::split_body<Tr, true, NOISE>(blob, ntasks, total_tiles);
 }
@@ -552,7 +558,7 @@ fastsplit_split2(const char* __restrict__ blob, long long ntasks, long long tota
 #if !defined(__CUDACC_RTC__) || defined(FASTSPLIT_INSTANTIATE)
 // Fixed names for the prebuilt fatbin (recorded in its .json manifest).
 #define FS_EXPORT(NAME, TR, TWO, NOISE)                                                             \
-    extern "C" __global__ void __launch_bounds__(FS_THREADS, FS_MIN_BLOCKS)                         \
+    extern "C" __global__ void __launch_bounds__(FS_THREADS, FS_MIN_BLOCKS_FOR(NOISE))             \
     NAME(const char* __restrict__ blob, long long ntasks, long long total_tiles) {                 \
         fs::split_body<TR, TWO, NOISE>(blob, ntasks, total_tiles);                                  \
     }
