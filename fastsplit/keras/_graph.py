@@ -159,6 +159,7 @@ class Graph:
         self.group_width: dict = {}
         self.refusals: dict = {}  # gid -> [reason]
         self.uniform_layers: dict = {}  # gid -> [(path, ref, units)]
+        self.in_place_layers: dict = {}  # gid -> [path]
         self.touched: dict = {}  # gid -> ordered dict path -> layer
         self.consumers: dict = {}
         self.configs: list = []  # (object, attribute, ref, index): widths in layer configs
@@ -517,6 +518,14 @@ class Graph:
             self.uniform_layers.setdefault(g, []).append((op.path, label.ref, label.units))
         self._touch(label.ref, op.path, op.layer)
 
+    def in_place(self, op, label: Label) -> None:
+        """``op`` reads each unit at its position on the axis (a rotary embedding's frequencies): a split must
+        give every unit the same number of copies, right after it (``_units.in_place``); its consumers read the
+        first copy only (``GroupRef.first``); removing or merging units is refused."""
+        for g in groups_of(label.ref, self.find):
+            self.in_place_layers.setdefault(g, []).append(op.path)
+        self._touch(label.ref, op.path, op.layer)
+
     def config(self, obj, attr: str, ref, *, index: int | None = None) -> None:
         """The config attribute ``obj.attr`` (or its entry ``index``) counts the units of ``ref``."""
         self.configs.append((obj, attr, ref, index))
@@ -707,8 +716,9 @@ class Graph:
         for root in sorted(roots):
             members = roots[root]
             producers = [p for g in members for p, _ in self.producers.get(g, [])]
-            layers, consumers, refused, uniform = {}, {}, [], []
+            layers, consumers, refused, uniform, in_place = {}, {}, [], [], []
             for g in members:
+                in_place += self.in_place_layers.get(g, [])
                 layers.update(self.touched.get(g, {}))
                 consumers.update(self.consumers.get(g, {}))
                 refused += self.refusals.get(g, [])
@@ -721,6 +731,7 @@ class Graph:
                 consumers=list(consumers),
                 refused=list(dict.fromkeys(refused)),
                 uniform=list(dict.fromkeys(uniform)),
+                in_place=list(dict.fromkeys(in_place)),
                 gid=root,
             ))
         return out

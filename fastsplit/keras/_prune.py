@@ -191,6 +191,12 @@ def _refuse(grp, path, what, graph: Graph | None = None):
                           "splits recurrent units but does not prune or merge them yet")
     if grp.refused:
         raise GrowthError(f"cannot {what} {path!r} (group {grp.producers}): " + "; ".join(grp.refused))
+    if grp.in_place:
+        raise GrowthError(
+            f"cannot {what} {path!r}: layer(s) {grp.in_place} read its units at their positions (a rotary "
+            "embedding's frequencies depend on the head size), so removing or merging units changes what the others "
+            "compute"
+        )
     if grp.uniform:
         raise GrowthError(
             f"cannot {what} {path!r}: layer(s) {grp.uniform} normalise across its units, so removing or merging "
@@ -447,7 +453,8 @@ def merge_twins(model, *, atol: float = 0.0, layers=None, optimizer: str = "carr
         for g in groups:
             _refuse(g, g.producers[0], "merge units of", graph)
     else:
-        groups = [g for g in groups if not g.refused and not g.uniform and not _recurrent(graph, g.gid)]
+        groups = [g for g in groups
+                  if not g.refused and not g.uniform and not g.in_place and not _recurrent(graph, g.gid)]
     chosen = {}
     for g in groups:
         twins = find_twins(_features(graph, g.gid, g.width), atol)

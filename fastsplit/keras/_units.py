@@ -23,11 +23,15 @@ from ..plan import SplitPlan
 
 @dataclasses.dataclass(frozen=True)
 class GroupRef:
-    """The units of group ``gid``; each unit repeated ``expand`` times (DepthwiseConv multiplier)."""
+    """The units of group ``gid``; each unit repeated ``expand`` times (DepthwiseConv multiplier).
+
+    ``first``: a consumer that reads each unit's first copy only (:func:`first_copy_only`).
+    """
 
     gid: int
     width: int
     expand: int = 1
+    first: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,37 @@ def expand_plan(plan, k: int):
     src = (plan.src[:, None] * k + q[None, :]).reshape(-1)
     ratio = np.repeat(plan.ratio, k)
     return SplitPlan(plan.width * k, src, ratio, np.zeros(src.shape[0]), plan.symmetry, plan.sigma, plan.seed)
+
+
+def first_copy_only(plan):
+    """``plan`` as its consumers see it when all outgoing weight stays on each unit's first copy.
+
+    The ratios become 1 on the first copy and 0 on the others, as a ``"fresh"`` plan's (the only
+    kind that may hold zero ratios; only its incoming weights draw, so on a consumer it is these
+    ratios and nothing else). For a unit whose copies must not be read (a rotary embedding turns
+    them at other frequencies, ``in_place``).
+    """
+    if isinstance(plan, CompactPlan):
+        return plan
+    ratio = np.where(plan.is_copy, 0.0, 1.0)
+    return SplitPlan(plan.width, plan.src, ratio, np.zeros(plan.new_width), "fresh", 0.0, plan.seed)
+
+
+def in_place(plan):
+    """``plan`` with each unit's copies right after it (``src`` = ``repeat(arange(n), m)``), or None.
+
+    None when the units do not all get the same number of copies ``m``. A unit's copies keep
+    their order (the first is still the original) with their ratios and offsets. Where a
+    unit's position on the axis carries meaning — a rotary embedding turns dimension ``i`` of
+    each half of a head of size ``d`` at frequency ``base^(-2i/d)`` — old unit ``i`` then sits at
+    ``m*i`` in a head of ``m*d`` and keeps its frequency. Cost: O(new width) numpy work.
+    """
+    counts = plan.counts
+    if len(set(counts.tolist())) != 1:
+        return None
+    order = np.argsort(plan.src, kind="stable")
+    return SplitPlan(plan.width, plan.src[order], plan.ratio[order], plan.offset[order], plan.symmetry,
+                     plan.sigma, plan.seed)
 
 
 def concat_plans(parts: list):
@@ -88,7 +123,9 @@ def evaluate(ref, plans: dict, find):
     """
     if isinstance(ref, GroupRef):
         p = plans.get(find(ref.gid))
-        return None if p is None else expand_plan(p, ref.expand)
+        if p is None:
+            return None
+        return expand_plan(first_copy_only(p) if ref.first else p, ref.expand)
     subs = [(None if sub is None else evaluate(sub, plans, find), width) for sub, width in ref.parts]
     like = next((p for p, _ in subs if p is not None), None)
     if like is None:
@@ -204,6 +241,9 @@ class CoupledGroup:
         consumers: layers whose incoming weights receive the units.
         refused: why the group cannot be split (empty when it can).
         uniform: layers that require every unit to get the same number of copies.
+        in_place: layers that read each unit at its position on the axis (a rotary embedding):
+            every unit gets the same number of copies, placed right after it (:func:`in_place`),
+            and their consumers read the first copy only; nothing is removed or merged.
     """
 
     name: str
@@ -213,6 +253,7 @@ class CoupledGroup:
     consumers: list
     refused: list
     uniform: list
+    in_place: list = dataclasses.field(default_factory=list)
     gid: int = -1
 
     @property

@@ -20,7 +20,7 @@ from ._errors import GrowthError
 from ._event import GrowthEvent
 from ._graph import Graph, check_plan
 from ._surgery import Edit, apply, check_args, check_number, collect, sync_jax
-from ._units import GroupRef, evaluate
+from ._units import GroupRef, evaluate, in_place
 
 #: the default size of a ``"nudge"``, relative to each unit's own scale
 NUDGE = 1e-3
@@ -147,6 +147,9 @@ def widen(model, plans, *, symmetry: str = DEFAULT_SYMMETRY, eps: float | None =
         grp = by_root[g]
         if grp.refused:
             raise GrowthError(f"cannot split {named[g]!r} (group {grp.producers}): " + "; ".join(grp.refused))
+    for g, grp in by_root.items():
+        if grp.in_place and g in chosen:
+            chosen[g] = in_place_plan(chosen[g], grp, named[g])
     for g in list(graph.uniform_layers):
         for path, ref, _units in graph.uniform_layers[g]:
             p = evaluate(ref, chosen, graph.find)
@@ -168,6 +171,32 @@ def widen(model, plans, *, symmetry: str = DEFAULT_SYMMETRY, eps: float | None =
 
     edit = Edit("split", chosen, symmetry, neurons=lambda p: np.unique(p.src[p.is_copy]).tolist())
     return apply(model, graph, edit, optimizer=optimizer, backend=backend, t0=t0, times=times)
+
+
+#: symmetries that change an original unit (its incoming weights or bias) or rest on the outgoing ratios
+MOVES_ORIGINALS = ("nudge", "direction", "asymmetric")
+
+
+def in_place_plan(plan, group, name):
+    """``plan`` for a group whose units are read at their positions (``CoupledGroup.in_place``), or GrowthError.
+
+    Every unit gets the same number of copies, placed right after it (``_units.in_place``); the consumers
+    read the first copy only, so the copies' incoming weights may be anything (copies, noise, fresh draws)
+    but the originals must stay as they are: symmetries that move them or rest on the shares are refused.
+    """
+    laid = in_place(plan)
+    if laid is None:
+        raise GrowthError(
+            f"cannot split {name!r}: layer(s) {group.in_place} read its units at their positions (a rotary "
+            f"embedding's frequencies depend on the head size), which only a split that gives every unit the same "
+            f"number of copies keeps (the head size times an integer, neurons=None or copies=k); this plan gives "
+            f"between {plan.counts.min()} and {plan.counts.max()} copies")
+    if plan.symmetry in MOVES_ORIGINALS or np.any(laid.offset[~laid.is_copy] != 0):
+        raise GrowthError(
+            f"cannot split {name!r} with symmetry={plan.symmetry!r}: layer(s) {group.in_place} read its units at "
+            f"their positions (a rotary embedding), so the copies' outgoing weights stay 0 and the originals must not move; use "
+            f"'fresh' (the default), 'noise' or 'none'")
+    return laid
 
 
 def fresh_blocked_by(group) -> list:
