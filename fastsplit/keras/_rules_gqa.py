@@ -17,10 +17,18 @@ the function exactly and keeps ``r`` constant. The groups, named like MultiHeadA
   would take two plans on one axis, which is refused: grow them one after the other.
 - ``path/key_dim``: the head size, which GQA shares among Q, K and V: K and V columns copied,
   Q columns split by the ratios and multiplied by √(d'/d) (the layer's softmax scale becomes
-  1/√d'), the output projection's rows split by the ratios. Refused under a rotary position
-  embedding (LlamaAttention): its frequencies ``base^(-2i/d)`` depend on the head size, so a
-  copied dimension would rotate at another frequency. (Doubling d → 2d keeps every old
-  frequency at the even pair indices, so zero-padded queries could be exact; not built.)
+  1/√d'), the output projection's rows split by the ratios. Under LlamaAttention's rotary
+  embedding (rotate-half: dimension i of a head of size d turns with dimension i + d/2 at the
+  frequency ``base^(-2i/d)``, computed from the head size at call time; Llama 3.1's smoothing
+  adjusts each frequency on its own) it grows by an integer factor m only: old dimension i of a
+  half is placed at m·i of a head of m·d, whose frequency there is the same (to the bit: 2i/d and
+  2mi/(md) round alike), its m - 1 copies right after it (``walk.in_place``). The copies turn at
+  other frequencies, so the query reads the first copy only (zero columns at the copies; the
+  output projection likewise) while K and V copies may be anything the symmetry gives (copies,
+  noise, fresh draws: the zero queries there then get a gradient). A plan that gives the
+  dimensions different numbers of copies, or a symmetry that moves the originals, is refused
+  (``_widen.in_place_plan``); so are other rotary embeddings (partial rotary dimension, another
+  frequency formula) until checked.
 - ``path``: the width the output projection writes (``d_model``); the query, key and value
   inputs are consumed by the Q, K and V projections.
 
@@ -31,6 +39,9 @@ Everything here depends on the graph only. Cost: O(layers).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 from ._rules_attention import HeadSize, call_arguments, io_refusal, project_in_out, sqrt_ratio
 from ._units import GroupRef, Label
@@ -101,29 +112,65 @@ def _gqa(walk, op, labels):
 
     kd_why = why
     if kd_why is None and rotary is not None:
-        kd_why = (f"layer {op.path!r} ({name}) applies a rotary position embedding over the head size "
-                  f"({head_dim}): its frequencies base^(-2i/d) depend on the head size d, so a copied dimension "
-                  "would rotate at another frequency and the function would change. What grows here: "
-                  f"{op.path + '/heads'!r} (key/value heads with their query heads), the model width and the FFN")
+        kd_why = _rotary_refusal(op, name, rotary)
     kd = walk.produce(op, head_dim, k_dense.kernel, 2, None, None, dim="key_dim", refused=kd_why)
     if kd_why is not None:
         return out
-    walk.config(HeadSize.of(layer, "head_dim", "_inverse_sqrt_head_dim"), "size", kd.ref)
+    read = kd
+    if rotary is not None:
+        # old dimension i of a half sits at m*i of a head m times larger, at its own frequency; the copies
+        # turn at others, so the query (and, to keep the output exact with any V copies, the output
+        # projection) reads the first copy only
+        walk.in_place(op, kd)
+        read = Label(dataclasses.replace(kd.ref, first=True), kd.units)
+    if hasattr(layer, "_inv_norm_factor"):  # LlamaAttention keeps only the softmax scale
+        walk.config(_NormFactor.of(layer, "_inv_norm_factor", "_inv_norm_factor"), "size", kd.ref)
+    else:
+        walk.config(HeadSize.of(layer, "head_dim", "_inverse_sqrt_head_dim"), "size", kd.ref)
     walk.incoming(op, kd, v_dense.kernel, 2, "value/kernel")
     if gate is not None:
         walk.incoming(op, kd, gate.kernel, 2, "gate/kernel")
     for dense, what in ((k_dense, "key"), (v_dense, "value"), (gate, "gate")):
         bias_state(kd, dense, 1, what)
-    walk.consume(op, kd, q_dense.kernel, 2, attr="query/kernel", fold=False)
+    walk.consume(op, read, q_dense.kernel, 2, attr="query/kernel", fold=False)
     walk.uses[-1].factor = sqrt_ratio
     if q_dense.bias is not None:
-        walk.consume(op, kd, q_dense.bias, 1, attr="query/bias", fold=False)
+        walk.consume(op, read, q_dense.bias, 1, attr="query/bias", fold=False)
         walk.uses[-1].factor = sqrt_ratio
     for dense in (q_dense, k_dense, v_dense, gate):
         if dense is not None:
             partial(dense, kd.ref, 1)
-    walk.consume(op, kd, o_kernel, 1, attr="output/kernel", fold=False)
+    walk.consume(op, read, o_kernel, 1, attr="output/kernel", fold=False)
     return out
+
+
+#: the rotary embeddings whose frequencies are read as ``base^(-2i/d)`` per dimension pair (i, i + d/2), with
+#: any elementwise adjustment of each frequency (Llama 3.1's smoothing): "module.QualName"
+_ROTARY = ("keras_hub.src.models.llama.llama_rotary_embedding.LlamaRotaryEmbedding",)
+
+
+def _rotary_refusal(op, name, rotary):
+    """Why ``key_dim`` cannot grow under ``rotary`` (None when it can: a verified rotate-half layout)."""
+    kind = f"{type(rotary).__module__}.{type(rotary).__qualname__}"
+    if kind in _ROTARY and rotary.feature_axis in (-1, 3) and rotary.sequence_axis == 1:
+        return None
+    return (f"layer {op.path!r} ({name}) applies the rotary embedding {type(rotary).__name__} (feature axis "
+            f"{rotary.feature_axis}), whose frequencies fastsplit has not checked against a larger head size: "
+            f"only {[k.rsplit('.', 1)[-1] for k in _ROTARY]} over the whole head (rotate-half, frequencies "
+            f"base^(-2i/d)) grow. What grows here: {op.path + '/heads'!r} (key/value heads with their query heads), "
+            "the model width and the FFN")
+
+
+class _NormFactor(HeadSize):
+    """A head size kept only as its softmax scale 1/√d (LlamaAttention's ``_inv_norm_factor``)."""
+
+    @property
+    def size(self) -> int:
+        return round(getattr(self._layer(), self._inverse) ** -2)
+
+    @size.setter
+    def size(self, value) -> None:
+        setattr(self._layer(), self._inverse, 1.0 / math.sqrt(float(value)))
 
 
 def _rms_norm(walk, op, labels):

@@ -3,7 +3,8 @@ GroupQueryAttention grow exactly (DESIGN.md, "Transformers and recurrent layers"
 
 A key/value head with its group of query heads is the unit of ``<attention>/heads``, the query heads of every
 group alike that of ``<attention>/query_heads``; the head size (``<attention>/key_dim``) grows in
-GroupQueryAttention and is refused under Llama's rotary embedding.
+GroupQueryAttention, and under Llama's rotary embedding by an integer factor, each dimension's copies right
+after it (so that it keeps its frequency) with the query reading the first copy only.
 """
 
 import keras
@@ -58,12 +59,13 @@ def _groups(kind):
         "ffn": [f"{b}/feedforward_intermediate_dense" for b in blocks],
         "heads": [f"{b}/self_attention/heads" for b in blocks],
         "query_heads": [f"{b}/self_attention/query_heads" for b in blocks],
+        "key_dim": [f"{b}/self_attention/key_dim" for b in blocks],
         "d_model": [f"{PREFIX}/token_embedding"],
     }[kind]
 
 
 def test_llama_grows_exactly_trains_on_and_saves(tmp_path):
-    """(a) every FFN, (b) every attention layer's heads, (d) d_model doubled: each split on its own keeps the
+    """(a) every FFN, (b) every attention layer's heads, (c) its head size, (d) d_model doubled: each split on its own keeps the
     logits; then Adam, whose slots the splits carried, trains on, and the grown model saves and loads (its
     backbone rebuilt from its first config, the growth replayed)."""
     model, x = _llama()
@@ -73,19 +75,20 @@ def test_llama_grows_exactly_trains_on_and_saves(tmp_path):
     groups = {g.name: g for g in fk.coupled_groups(model)}
     att, block = _attention(model), model.get_layer(PREFIX).get_layer("transformer_layer_0")
     before = _np(model(x))
-    for kind in ("ffn", "heads", "query_heads", "d_model"):
+    for kind in ("ffn", "heads", "query_heads", "key_dim", "d_model"):
         for name in _groups(kind):
             assert groups[name].splittable, groups[name].refused
         fk.widen(model, {name: None for name in _groups(kind)}, symmetry="none")
         _close(_np(model(x)), before)
     assert tuple(block._feedforward_gate_dense.kernel.shape) == (128, 256)
     assert tuple(block._feedforward_output_dense.kernel.shape) == (256, 128)
-    # every key/value head copied with its two query heads, then every group's query heads doubled; the
-    # head size stays under d_model growth
+    # every key/value head copied with its two query heads, then every group's query heads doubled, then the
+    # head size; it stays under d_model growth
     assert (att.num_key_value_heads, att.num_query_heads, att.num_key_value_groups) == (4, 16, 4)
-    assert tuple(att._query_dense.kernel.shape) == (128, 16, 16)
-    assert tuple(att._key_dense.kernel.shape) == (128, 4, 16)
-    assert tuple(att._output_dense.kernel.shape) == (16, 16, 128)
+    assert tuple(att._query_dense.kernel.shape) == (128, 16, 32)
+    assert tuple(att._key_dense.kernel.shape) == (128, 4, 32)
+    assert tuple(att._output_dense.kernel.shape) == (16, 32, 128)
+    assert att._inv_norm_factor == pytest.approx(32 ** -0.5)
     assert tuple(model.get_layer(PREFIX).get_layer("token_embedding").embeddings.shape) == (1000, 128)
     assert tuple(block._self_attention_layernorm.scale.shape) == (128,)
     losses = model.fit(x, y, epochs=3, verbose=0).history["loss"]
@@ -96,17 +99,48 @@ def test_llama_grows_exactly_trains_on_and_saves(tmp_path):
     assert (_attention(loaded).num_key_value_heads, _attention(loaded).num_query_heads) == (4, 16)
 
 
-def test_llama_key_dim_is_refused_under_rotary_and_the_model_is_left_alone():
+def test_llama_key_dim_doubles_under_rotary_each_dimension_next_to_its_copy():
+    """The rotary frequencies base^(-2i/d): old dimension i of each half sits at 2i of the doubled head, where
+    the frequency is the same; the query is zero at the copies (times √2 for the softmax scale), the keys and
+    values there are fresh draws, and the output projection reads the first copy only. Adam trains on, and
+    the query's columns at the copies leave zero."""
     model, x = _llama()
-    name = f"{PREFIX}/transformer_layer_0/self_attention/key_dim"
-    group = next(g for g in fk.coupled_groups(model) if g.name == name)
-    assert not group.splittable and "rotary position embedding" in group.refused[0]
+    att = _attention(model)
+    q, k, o = (_np(d.kernel) for d in (att._query_dense, att._key_dense, att._output_dense))
+    before = _np(model(x))
+    fk.widen(model, dict.fromkeys(_groups("key_dim")))  # the default symmetry, "fresh"
+    _close(_np(model(x)), before)
+    q2, k2, o2 = (_np(d.kernel) for d in (att._query_dense, att._key_dense, att._output_dense))
+    assert q2.shape == (64, 4, 32) and att._inv_norm_factor == pytest.approx(32 ** -0.5)
+    np.testing.assert_allclose(q2[..., 0::2], q * np.sqrt(2), rtol=1e-6)
+    np.testing.assert_array_equal(q2[..., 1::2], 0.0)
+    np.testing.assert_array_equal(k2[..., 0::2], k)
+    assert np.all(k2[..., 1::2] != 0)  # fresh keys give the zero queries there a gradient
+    np.testing.assert_array_equal(o2[:, 0::2], o)
+    np.testing.assert_array_equal(o2[:, 1::2], 0.0)
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    losses = model.fit(x, RNG.standard_normal((2, SEQ, 3)).astype("float32"), epochs=2, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert np.any(_np(att._query_dense.kernel)[..., 1::2] != 0)
+
+
+@pytest.mark.parametrize("plan,symmetry,match", [
+    ([0, 3], "none", "same number of copies"),  # two of 16 dimensions
+    (list(range(8)), "none", "same number of copies"),  # 16 -> 24: x1.5 cannot keep every frequency
+    (None, "direction", "originals must not move"),  # would move the original keys
+])
+def test_llama_key_dim_plans_that_move_a_frequency_are_refused_and_the_model_is_left_alone(plan, symmetry, match):
+    model, _x = _llama()
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    model.optimizer.build(model.trainable_variables)
+    name = _groups("key_dim")[0]
     weights, config, sizes = _state(model)
-    with pytest.raises(fk.GrowthError, match=r"(?s)self_attention/key_dim.*rotary position embedding"):
-        fk.widen(model, {name: None}, symmetry="none")
+    slots = [_np(v) for v in model.optimizer.variables]
+    with pytest.raises(fk.GrowthError, match=rf"(?s)self_attention/key_dim.*rotary.*{match}"):
+        fk.widen(model, {name: plan}, symmetry=symmetry)
     after_weights, after_config, after_sizes = _state(model)
     assert after_config == config and after_sizes == sizes
-    for a, b in zip(weights, after_weights):
+    for a, b in zip(weights + slots, after_weights + [_np(v) for v in model.optimizer.variables]):
         np.testing.assert_array_equal(a, b)
 
 
