@@ -64,6 +64,7 @@ def _groups(kind):
     }[kind]
 
 
+@pytest.mark.slow_on_jax  # JAX recompiles after every growth event
 def test_llama_grows_exactly_trains_on_and_saves(tmp_path):
     """(a) every FFN, (b) every attention layer's heads, (c) its head size, (d) d_model doubled: each split on its own keeps the
     logits; then Adam, whose slots the splits carried, trains on, and the grown model saves and loads (its
@@ -99,6 +100,7 @@ def test_llama_grows_exactly_trains_on_and_saves(tmp_path):
     assert (_attention(loaded).num_key_value_heads, _attention(loaded).num_query_heads) == (4, 16)
 
 
+@pytest.mark.slow_on_jax  # JAX recompiles after every growth event
 def test_llama_key_dim_doubles_under_rotary_each_dimension_next_to_its_copy():
     """The rotary frequencies base^(-2i/d): old dimension i of each half sits at 2i of the doubled head, where
     the frequency is the same; the query is zero at the copies (times √2 for the softmax scale), the keys and
@@ -141,6 +143,18 @@ def test_llama_key_dim_plans_that_move_a_frequency_are_refused_and_the_model_is_
     after_weights, after_config, after_sizes = _state(model)
     assert after_config == config and after_sizes == sizes
     for a, b in zip(weights + slots, after_weights + [_np(v) for v in model.optimizer.variables]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_llama_key_dim_is_not_pruned_under_rotary():
+    model, _x = _llama()
+    name = _groups("key_dim")[0]
+    weights, config, sizes = _state(model)
+    with pytest.raises(fk.GrowthError, match=r"(?s)cannot prune .*self_attention/key_dim.*rotary"):
+        fk.prune(model, {name: [0]})
+    after_weights, after_config, after_sizes = _state(model)
+    assert after_config == config and after_sizes == sizes
+    for a, b in zip(weights, after_weights):
         np.testing.assert_array_equal(a, b)
 
 
