@@ -32,6 +32,16 @@ def _full_float32_on_gpus():
 _full_float32_on_gpus()
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_collection_modifyitems(items):
+    """``slow_on_jax`` tests count as ``slow`` under JAX only, where recompiling after every growth
+    event makes them minutes long; `make test` runs them under TensorFlow and PyTorch."""
+    if BACKEND == "jax":
+        for item in items:
+            if item.get_closest_marker("slow_on_jax"):
+                item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)

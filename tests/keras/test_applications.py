@@ -170,7 +170,7 @@ MODELS = {
 #: there, every application is slow.
 CASES = [
     pytest.param(name, id=name,
-                 marks=[pytest.mark.slow] if slow or (BACKEND == "jax" and getattr(build, "application", False)) else [])
+                 marks=[pytest.mark.slow] if slow else [pytest.mark.slow_on_jax] if getattr(build, "application", False) else [])
     for name, (build, _, slow) in MODELS.items()
 ]
 

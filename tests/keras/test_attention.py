@@ -143,7 +143,7 @@ def test_attention_everything_at_once_then_save_and_load(tmp_path):
 
 
 # slow on JAX only (two minutes of compiling there); test_grow_transformer_in_fit.py checks the slots on every backend
-@pytest.mark.slow if keras.backend.backend() == "jax" else (lambda f: f)
+@pytest.mark.slow_on_jax
 def test_attention_adam_slots_carried_and_training_goes_on():
     model, x = _attention_model(dropout=0.1)
     y = RNG.normal(size=(2, 4)).astype("float32")

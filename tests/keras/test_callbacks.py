@@ -140,6 +140,7 @@ def test_grows_exactly_when_the_plateau_rule_says():
     assert [e.layers["hidden"].new_width for e in cb.events] == [4, 8, 16]
 
 
+@pytest.mark.slow_on_jax  # a minute of recompiling per width there
 def test_patience_cooldown_and_start_from_epoch():
     flat = [0.5] * 9
     cb = SplitOnPlateau(patience=2, verbose=0)
@@ -379,6 +380,7 @@ with open(report, "w") as f:
 """
 
 
+@pytest.mark.slow_on_jax
 def test_backup_and_restore_resumes_a_killed_grown_run(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=os.path.dirname(__file__)))

@@ -74,7 +74,8 @@ def _slots(model, table):
                    for v in model.trainable_variables] for attr in table}
 
 
-@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+# Lion on JAX only under the slow mark (recompiling costs ~35 s a case there): AdamW checks the same slots
+@pytest.mark.parametrize("opt", ["adamw", pytest.param("lion", marks=pytest.mark.slow_on_jax)])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_carried_slots_are_the_split_models_own(case, opt):
     build, plans = CASES[case]

@@ -121,7 +121,7 @@ class SavableTokenAndPositionEmbedding(TokenAndPositionEmbedding):
 
 
 # slow on JAX only (a minute of compiling there); TensorFlow and PyTorch run it in make test
-@pytest.mark.slow if keras.backend.backend() == "jax" else (lambda f: f)
+@pytest.mark.slow_on_jax
 def test_keras_io_text_classifier_saves_and_loads_grown(tmp_path):
     """The block's config is its constructor's arguments, so it comes back at its first widths, and under new
     names (the published __init__ passes no name on); loading replays the growth on it by shape."""

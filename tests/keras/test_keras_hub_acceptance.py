@@ -88,11 +88,10 @@ def _round_trip(model, x, tmp_path):
     return loaded
 
 
-# JAX compiles the grown model's steps anew after every event: 31 s there on the idle 2-core VM (TF 8 s, torch 4 s), slow
-JAX = keras.backend.backend() == "jax"
+# JAX compiles the grown model's steps anew after every event: 31 s there on the idle 2-core VM (TF 8 s, torch 4 s): slow there only
 
 
-@pytest.mark.parametrize("name", [pytest.param("GPT2Backbone", marks=[pytest.mark.slow] if JAX else []),
+@pytest.mark.parametrize("name", [pytest.param("GPT2Backbone", marks=pytest.mark.slow_on_jax),
                                   pytest.param("BertBackbone", marks=pytest.mark.slow)])
 def test_each_dimension_grows_exactly_then_trains_and_round_trips(name, tmp_path):
     model, x, y = _model(name)
