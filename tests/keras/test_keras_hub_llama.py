@@ -64,7 +64,6 @@ def _groups(kind):
     }[kind]
 
 
-@pytest.mark.slow_on_jax  # JAX recompiles after every growth event
 def test_llama_grows_exactly_trains_on_and_saves(tmp_path):
     """(a) every FFN, (b) every attention layer's heads, (c) its head size, (d) d_model doubled: each split on its own keeps the
     logits; then Adam, whose slots the splits carried, trains on, and the grown model saves and loads (its
@@ -100,7 +99,6 @@ def test_llama_grows_exactly_trains_on_and_saves(tmp_path):
     assert (_attention(loaded).num_key_value_heads, _attention(loaded).num_query_heads) == (4, 16)
 
 
-@pytest.mark.slow_on_jax  # JAX recompiles after every growth event
 def test_llama_key_dim_doubles_under_rotary_each_dimension_next_to_its_copy():
     """The rotary frequencies base^(-2i/d): old dimension i of each half sits at 2i of the doubled head, where
     the frequency is the same; the query is zero at the copies (times √2 for the softmax scale), the keys and
