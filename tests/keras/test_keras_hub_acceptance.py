@@ -7,10 +7,10 @@ most 1e-5 relative in float32; the grown model then trains with Adam, and ``mode
 configs are their constructor arguments, which cannot say how they grew: loading replays the saved
 events on them by shape (``fastsplit/keras/_replay.py``, ``restore_widths``).
 
-Unmarked: the four dimensions one after another on one GPT2 model, then training and the round trip
-(TensorFlow and PyTorch; slow on JAX, where it passed in 31 s idle, 240 s on a loaded VM); a saved history
-that does not fit, and loading a grown GPT2 config (every backend). Slow (TensorFlow in ``make test``): the same on
-BERT, and each dimension alone on a fresh model of each, with one more training step after loading.
+Unmarked: the four dimensions one after another on one GPT2 and one BERT model, then training and the
+round trip (TensorFlow and PyTorch; slow on JAX, where GPT2 passed in 31 s idle, 240 s on a loaded VM); a saved
+history that does not fit, and loading a grown GPT2 config (every backend). Slow (TensorFlow in ``make test``):
+each dimension alone on a fresh model of each, with one more training step after loading.
 """
 
 import keras
@@ -92,7 +92,7 @@ def _round_trip(model, x, tmp_path):
 
 
 @pytest.mark.parametrize("name", [pytest.param("GPT2Backbone", marks=pytest.mark.slow_on_jax),
-                                  pytest.param("BertBackbone", marks=pytest.mark.slow)])
+                                  pytest.param("BertBackbone", marks=pytest.mark.slow_on_jax)])
 def test_each_dimension_grows_exactly_then_trains_and_round_trips(name, tmp_path):
     model, x, y = _model(name)
     for dim in DIMENSIONS:
