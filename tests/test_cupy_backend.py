@@ -54,6 +54,21 @@ def test_tuning_constants_are_in_config():
     assert 1 <= _config.CUDA_MAX_BLOCKS < 2**31
 
 
+def test_tuning_defaults_agree_in_config_cmake_and_the_kernel_source():
+    """The prebuilt fatbin (CMake) is used only when built with ``_config``'s constants, and split.cu's own
+    defaults are what a direct nvcc build gets: the three must change together."""
+    import re
+    from pathlib import Path
+
+    want = {"THREADS": _config.CUDA_THREADS_PER_BLOCK, "ITEMS": _config.CUDA_VECTORS_PER_THREAD,
+            "MIN_BLOCKS": _config.CUDA_MIN_BLOCKS_PER_SM}
+    src = cupy_cuda.kernel_source()
+    cmake = (Path(__file__).resolve().parents[1] / "CMakeLists.txt").read_text(encoding="utf-8")
+    for name, value in want.items():
+        assert int(re.search(rf"#define FS_{name} (\d+)", src).group(1)) == value, name
+        assert int(re.search(rf"set\(FASTSPLIT_{name} (\d+) ", cmake).group(1)) == value, name
+
+
 def test_desc_fields_match_the_cuda_struct():
     src = cupy_cuda.kernel_source()
     body = src[src.index("struct Desc {"):]
