@@ -453,8 +453,7 @@ def merge_twins(model, *, atol: float = 0.0, layers=None, optimizer: str = "carr
         for g in groups:
             _refuse(g, g.producers[0], "merge units of", graph)
     else:
-        groups = [g for g in groups
-                  if not g.refused and not g.uniform and not g.in_place and not _recurrent(graph, g.gid)]
+        groups = [g for g in groups if g.removable and not _recurrent(graph, g.gid)]
     chosen = {}
     for g in groups:
         twins = find_twins(_features(graph, g.gid, g.width), atol)

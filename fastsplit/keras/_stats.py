@@ -350,7 +350,7 @@ def dead_units(model, data, *, threshold: float = 0.0, layers=None, batch_size: 
     if not (0.0 <= threshold < 1.0):
         raise GrowthError(f"threshold must be a fraction in [0, 1), got threshold={threshold!r}")
     graph = Graph(model)
-    groups = [g for g in graph.groups() if not g.refused and not g.uniform and not g.in_place]
+    groups = [g for g in graph.groups() if g.removable]
     if layers is not None:
         chosen = set(resolve_layers(graph, layers))
         groups = [g for g in groups if chosen & set(g.producers)]

@@ -260,6 +260,12 @@ class CoupledGroup:
     def splittable(self) -> bool:
         return not self.refused
 
+    @property
+    def removable(self) -> bool:
+        """Units may be removed or merged: splittable, and no layer normalises across them or reads them at
+        their positions (pruning's and merging's refusals, ``_prune._refuse``, say which)."""
+        return not (self.refused or self.uniform or self.in_place)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("gid")
