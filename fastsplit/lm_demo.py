@@ -20,7 +20,9 @@ Runs (same data, same number of training tokens):
   steps), everything else at final size;
 - ``grow-ffn-rewarm``: as ``grow-ffn``, with the learning rate re-warmed after each event;
 - ``grow-width``: half the width (``d_model``, heads and FFN; the head size stays), doubled once at
-  1/4 of the steps; ``grow-width-rewarm`` with the learning rate re-warmed after it.
+  1/4 of the steps; ``grow-width-rewarm`` with the learning rate re-warmed after it;
+- ``grow-heads-ffn``: ``d_model`` at final size, half the heads and a quarter of the FFN; heads and FFN
+  doubled at 1/8 of the steps, the FFN again at 1/4; ``grow-heads-ffn-late`` the same at 1/4 and 1/2.
 
 Validation loss is in bits per byte, measured every ``eval_every`` steps on a fixed validation set;
 FLOPs are counted analytically (6 x parameters touched per token for the matrix products plus the
@@ -105,7 +107,8 @@ def build(keras, size: Size, d: int, heads: int, ff: int):
     h = L.Add(name="embed")([L.Embedding(256, d, name="tok")(tokens), L.Embedding(size.ctx, d, name="pos")(positions)])
     for i in range(size.layers):
         a = L.LayerNormalization(epsilon=1e-5, name=f"b{i}_ln1")(h)
-        a = L.MultiHeadAttention(heads, d // heads, name=f"b{i}_attn")(a, a, use_causal_mask=True)
+        # the head size is the final model's whatever the width: growth adds heads, not head dimensions
+        a = L.MultiHeadAttention(heads, size.d // size.heads, name=f"b{i}_attn")(a, a, use_causal_mask=True)
         h = L.Add(name=f"b{i}_res1")([h, a])
         f = L.LayerNormalization(epsilon=1e-5, name=f"b{i}_ln2")(h)
         f = L.Dense(ff, activation="gelu", name=f"b{i}_ffn1")(f)
@@ -186,13 +189,19 @@ def policies(size: Size, only) -> dict:
     ffn = {f"b{i}_ffn1": None for i in range(size.layers)}
     # d_model (the residual stream, named by its first producer, "tok"), the heads and the FFN of every block
     width = {"tok": None, **{f"b{i}_attn/heads": None for i in range(size.layers)}, **ffn}
+    # the heads and the FFN of every block, d_model kept (its copies separate slowly, see RESULTS.md)
+    units = {**{f"b{i}_attn/heads": None for i in range(size.layers)}, **ffn}
     half = (size.d // 2, size.heads // 2, size.ff // 2)  # the head size d / heads stays
+    thin = (size.d, size.heads // 2, size.ff // 4)
+    eighth, quarter, half_way = size.steps // 8, size.steps // 4, size.steps // 2
     p = {
         "scratch": (final, {}, False),
-        "grow-ffn": ((size.d, size.heads, size.ff // 4), {size.steps // 8: ffn, size.steps // 4: ffn}, False),
-        "grow-ffn-rewarm": ((size.d, size.heads, size.ff // 4), {size.steps // 8: ffn, size.steps // 4: ffn}, True),
-        "grow-width": (half, {size.steps // 4: width}, False),
-        "grow-width-rewarm": (half, {size.steps // 4: width}, True),
+        "grow-ffn": ((size.d, size.heads, size.ff // 4), {eighth: ffn, quarter: ffn}, False),
+        "grow-ffn-rewarm": ((size.d, size.heads, size.ff // 4), {eighth: ffn, quarter: ffn}, True),
+        "grow-width": (half, {quarter: width}, False),
+        "grow-width-rewarm": (half, {quarter: width}, True),
+        "grow-heads-ffn": (thin, {eighth: units, quarter: ffn}, False),
+        "grow-heads-ffn-late": (thin, {quarter: units, half_way: ffn}, False),
     }
     return {k: v for k, v in p.items() if only is None or k in only or k == "scratch"}
 
@@ -241,7 +250,7 @@ def add_arguments(ap: argparse.ArgumentParser, *, quick_default: bool):
                     help="grown runs to make (scratch always runs; default: all)")
 
 
-POLICIES = ("grow-ffn", "grow-ffn-rewarm", "grow-width", "grow-width-rewarm")
+POLICIES = ("grow-ffn", "grow-ffn-rewarm", "grow-width", "grow-width-rewarm", "grow-heads-ffn", "grow-heads-ffn-late")
 
 
 def main(argv=None, *, prog=None, quick_default=False, default_out=None) -> dict:
