@@ -30,7 +30,8 @@ attention scores, forward and backward; embeddings' lookups not counted). ``DIR/
 one entry per run (``name``, ``seed``, ``final_val_loss``, ``wall_s``, ``flops``, ``wall_s_to_target``,
 ``flops_to_target``: when the run first reached the from-scratch run's final validation loss of the
 same seed, ``null`` if never; and the curve), and ``grown_vs_scratch_wall``: the best grown policy's
-median ``wall_s_to_target`` over the from-scratch median ``wall_s``. ``DIR/grow_lm.png`` draws the
+median ``wall_s_to_target`` (a seed that never reached it counts as infinitely late) over the
+from-scratch median ``wall_s``. ``DIR/grow_lm.png`` draws the
 curves against wall time and FLOPs.
 """
 
@@ -285,11 +286,7 @@ def compare(size: Size, seeds, only, out: Path, *, quick: bool, data_bytes: int 
     for r in results:
         target = next(q["final_val_loss"] for q in results if q["name"] == "scratch" and q["seed"] == r["seed"])
         r.update(to_target(r, target))
-    scratch_wall = float(np.median([r["wall_s"] for r in results if r["name"] == "scratch"]))
-    ratios = {}
-    for name in {r["name"] for r in results} - {"scratch"}:
-        hits = [r["wall_s_to_target"] for r in results if r["name"] == name]
-        ratios[name] = None if None in hits else float(np.median(hits)) / scratch_wall
+    ratios = wall_ratios(results)
     reached = {k: v for k, v in ratios.items() if v is not None}
     summary = {
         "size": size.__dict__, "quick": quick, "seeds": list(seeds), "data": where,
@@ -304,6 +301,23 @@ def compare(size: Size, seeds, only, out: Path, *, quick: bool, data_bytes: int 
     print("grown_vs_scratch_wall", summary["grown_vs_scratch_wall"], ratios, flush=True)
     print(f"wrote {out / 'summary.json'}, {out / 'grow_lm.png'}", flush=True)
     return summary
+
+
+def wall_ratios(results: list[dict]) -> dict:
+    """policy -> median over seeds of ``wall_s_to_target``, over the from-scratch runs' median ``wall_s``.
+
+    A run that never reached the target counts as infinitely late: the median is a number while most
+    seeds reached it, ``None`` otherwise (one seed in three that never arrives moves the median, it does
+    not void the other two).
+    """
+    scratch_wall = float(np.median([r["wall_s"] for r in results if r["name"] == "scratch"]))
+    ratios = {}
+    for name in sorted({r["name"] for r in results} - {"scratch"}):
+        hits = [math.inf if r["wall_s_to_target"] is None else r["wall_s_to_target"]
+                for r in results if r["name"] == name]
+        mid = float(np.median(hits))
+        ratios[name] = None if math.isinf(mid) else mid / scratch_wall
+    return ratios
 
 
 def _machine() -> str:

@@ -170,3 +170,18 @@ def test_lm_comparison_at_a_tiny_size_writes_the_summary_and_plot(tmp_path):
     want = None if grown["wall_s_to_target"] is None else grown["wall_s_to_target"] / scratch["wall_s"]
     assert ratio == pytest.approx(want) if want is not None else ratio is None
     assert summary["grown_vs_scratch_wall"] == ratio
+
+
+def test_lm_wall_ratio_is_the_median_over_seeds_with_never_as_infinitely_late():
+    """One seed in three that never reaches the target moves the median; two in three make it ``None``."""
+    import fastsplit.lm_demo as lm
+
+    def runs(name, walls, hits):
+        return [{"name": name, "wall_s": w, "wall_s_to_target": h} for w, h in zip(walls, hits, strict=True)]
+
+    scratch = runs("scratch", [100.0, 120.0, 110.0], [100.0, 120.0, 110.0])
+    one_never = runs("a", [90.0] * 3, [80.0, 99.0, None])
+    two_never = runs("b", [90.0] * 3, [50.0, None, None])
+    all_hit = runs("c", [90.0] * 3, [70.0, 60.0, 90.0])
+    assert lm.wall_ratios(scratch + one_never + two_never + all_hit) == {
+        "a": pytest.approx(99.0 / 110.0), "b": None, "c": pytest.approx(70.0 / 110.0)}
