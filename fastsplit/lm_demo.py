@@ -188,10 +188,10 @@ def policies(size: Size, only) -> dict:
     """name -> (start width (d, heads, ff), {step: plans}, rewarm)."""
     final = (size.d, size.heads, size.ff)
     ffn = {f"b{i}_ffn1": None for i in range(size.layers)}
-    # d_model (the residual stream, named by its first producer, "tok"), the heads and the FFN of every block
-    width = {"tok": None, **{f"b{i}_attn/heads": None for i in range(size.layers)}, **ffn}
-    # the heads and the FFN of every block, d_model kept (its copies separate slowly, see RESULTS.md)
+    # the heads and the FFN of every block; d_model kept (its copies separate slowly, see RESULTS.md)
     units = {**{f"b{i}_attn/heads": None for i in range(size.layers)}, **ffn}
+    # and d_model too: the residual stream, named by its first producer, "tok"
+    width = {"tok": None, **units}
     half = (size.d // 2, size.heads // 2, size.ff // 2)  # the head size d / heads stays
     thin = (size.d, size.heads // 2, size.ff // 4)
     eighth, quarter, half_way = size.steps // 8, size.steps // 4, size.steps // 2
@@ -251,7 +251,7 @@ def add_arguments(ap: argparse.ArgumentParser, *, quick_default: bool):
                     help="grown runs to make (scratch always runs; default: all)")
 
 
-POLICIES = ("grow-ffn", "grow-ffn-rewarm", "grow-width", "grow-width-rewarm", "grow-heads-ffn", "grow-heads-ffn-late")
+POLICIES = tuple(name for name in policies(QUICK, None) if name != "scratch")
 
 
 def main(argv=None, *, prog=None, quick_default=False, default_out=None) -> dict:
