@@ -193,12 +193,13 @@ def policies(size: Size, only) -> dict:
     # and d_model too: the residual stream, named by its first producer, "tok"
     width = {"tok": None, **units}
     half = (size.d // 2, size.heads // 2, size.ff // 2)  # the head size d / heads stays
+    narrow_ffn = (size.d, size.heads, size.ff // 4)
     thin = (size.d, size.heads // 2, size.ff // 4)
     eighth, quarter, half_way = size.steps // 8, size.steps // 4, size.steps // 2
     p = {
         "scratch": (final, {}, False),
-        "grow-ffn": ((size.d, size.heads, size.ff // 4), {eighth: ffn, quarter: ffn}, False),
-        "grow-ffn-rewarm": ((size.d, size.heads, size.ff // 4), {eighth: ffn, quarter: ffn}, True),
+        "grow-ffn": (narrow_ffn, {eighth: ffn, quarter: ffn}, False),
+        "grow-ffn-rewarm": (narrow_ffn, {eighth: ffn, quarter: ffn}, True),
         "grow-width": (half, {quarter: width}, False),
         "grow-width-rewarm": (half, {quarter: width}, True),
         "grow-heads-ffn": (thin, {eighth: units, quarter: ffn}, False),
