@@ -11,20 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from fastsplit.lm_demo import (  # noqa: F401  (the names this script had, for code that imports it)
-    FULL,
-    QUICK,
-    Size,
-    build,
-    flops_per_step,
-    lr_at,
-    main,
-    plot,
-    policies,
-    run,
-    stdlib_bytes,
-    to_target,
-)
+from fastsplit.lm_demo import main
 
 if __name__ == "__main__":
     sys.exit(0 if main() else 1)

@@ -13,18 +13,25 @@ of one seed sees the same batches in the same order (windows drawn from one seed
 Model: a functional pre-LN decoder built from Keras layers (Embedding for bytes and positions,
 MultiHeadAttention with a causal mask, Dense FFN with GELU, LayerNormalization), AdamW.
 
-Runs (same data, same number of training tokens):
+Runs (same data, same number of training tokens), each one ``model.fit`` whose growth is done by a
+fastsplit callback, as a user would grow: :class:`fastsplit.keras.SplitEvery` on a schedule in steps or
+:class:`fastsplit.keras.SplitOnSlope` on the training loss's slope, mid-epoch, with ``max_units`` at the
+final size:
 
 - ``scratch``: the final-size model trained from the start;
 - ``grow-ffn``: the same model with FFN width 1/4 of the final, doubled twice (at 1/8 and 1/4 of the
   steps), everything else at final size;
-- ``grow-ffn-rewarm``: as ``grow-ffn``, with the learning rate re-warmed after each event;
+- ``grow-ffn-rewarm``: as ``grow-ffn``, with the learning rate re-warmed after each event
+  (``rewarm_steps``: the cosine schedule ramped back up from 0);
+- ``grow-ffn-slope``: as ``grow-ffn``, doubled whenever the smoothed training loss falls by less than
+  0.2 % a step over 50 steps (``SplitOnSlope``), instead of on a schedule;
 - ``grow-width``: half the width (``d_model``, heads and FFN; the head size stays), doubled once at
   1/4 of the steps; ``grow-width-rewarm`` with the learning rate re-warmed after it;
 - ``grow-heads-ffn``: ``d_model`` at final size, half the heads and a quarter of the FFN; heads and FFN
   doubled at 1/8 of the steps, the FFN again at 1/4; ``grow-heads-ffn-late`` the same at 1/4 and 1/2.
 
-Validation loss is in bits per byte, measured every ``eval_every`` steps on a fixed validation set;
+Validation loss is in bits per byte, measured every ``eval_every`` steps (one epoch of the fit) on a fixed
+validation set, its time not counted in the run's wall time;
 FLOPs are counted analytically (6 x parameters touched per token for the matrix products plus the
 attention scores, forward and backward; embeddings' lookups not counted). ``DIR/summary.json`` holds
 one entry per run (``name``, ``seed``, ``final_val_loss``, ``wall_s``, ``flops``, ``wall_s_to_target``,
@@ -42,6 +49,7 @@ import json
 import math
 import sysconfig
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,76 +142,133 @@ def flops_per_step(model, size: Size) -> float:
     return float(6 * dense * tokens + 3 * attn * tokens)
 
 
-def lr_at(step: int, size: Size, events: list[int], rewarm: bool) -> float:
-    """Linear warm-up, cosine decay to 10 %; with ``rewarm``, a new warm-up after each growth step."""
-    start = max([e for e in events if e <= step], default=0) if rewarm else 0
-    warm = min(1.0, (step - start + 1) / size.warmup)
-    decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / size.steps))
-    return size.lr * warm * decay
+def _schedule(size: Size):
+    """Linear warm-up over ``size.warmup`` steps, then cosine decay to 10 % at ``size.steps``: a Keras
+    schedule, so that a growth callback's ``rewarm_steps`` ramps it back up after an event."""
+    import keras
+    from keras import ops
+
+    class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            step = ops.cast(step, "float32")
+            warm = ops.minimum(1.0, (step + 1.0) / size.warmup)
+            return size.lr * warm * (0.1 + 0.45 * (1.0 + ops.cos(math.pi * step / size.steps)))
+
+        def get_config(self):
+            return {}
+
+    return WarmupCosine()
+
+
+def _recorder(size: Size, val_x: np.ndarray, val_y: np.ndarray):
+    """A callback that counts the training steps' wall time and FLOPs (its own evaluations excluded),
+    notes the steps at which the model grew, and measures validation every epoch (``eval_every`` steps)."""
+    import keras
+
+    class Recorder(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.curve, self.events, self.flops, self.step = [], [], 0.0, 0
+            self._step_flops = flops_per_step(self.model, size)
+            self._t0, self._paused = time.perf_counter(), 0.0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            now = flops_per_step(self.model, size)  # the width this step trains at: the growth came before it
+            if now != self._step_flops:
+                self.events.append(self.step)
+            self._step_flops = now
+            self.flops += now
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.step += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            t = time.perf_counter()
+            wall = t - self._t0 - self._paused
+            losses = [float(self.model.test_on_batch(val_x[i:i + 64], val_y[i:i + 64]))
+                      for i in range(0, len(val_x), 64)]
+            self.curve.append({"step": self.step, "wall_s": wall, "flops": self.flops,
+                               "val_bpb": float(np.mean(losses)) / math.log(2),
+                               "params": int(self.model.count_params())})
+            self._paused += time.perf_counter() - t
+
+    return Recorder()
+
+
+def batches(seed: int, size: Size, train: np.ndarray):
+    """(inputs, next bytes) windows drawn from one seeded generator: one seed, one batch order, whatever the run."""
+    rng = np.random.default_rng(seed)
+    while True:
+        at = rng.integers(0, len(train) - size.ctx - 1, size.batch)
+        yield (np.stack([train[a:a + size.ctx] for a in at]).astype("int32"),
+               np.stack([train[a + 1:a + size.ctx + 1] for a in at]).astype("int32"))
 
 
 def run(name: str, seed: int, size: Size, train: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-        start: tuple, events: dict, rewarm: bool = False) -> dict:
-    """Train one run; ``events`` maps a step to the widen plans applied before it."""
+        start: tuple, growth=None) -> dict:
+    """Train one run with ``fit``; ``growth`` makes the fastsplit callback that grows it (None: it does not)."""
     import keras
-
-    from . import keras as fk
 
     keras.utils.set_random_seed(seed)
     model = build(keras, size, *start)
-    opt = keras.optimizers.AdamW(size.lr, weight_decay=0.01, clipnorm=1.0)
+    opt = keras.optimizers.AdamW(_schedule(size), weight_decay=0.01, clipnorm=1.0)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(seed)  # one seed, one batch order, whatever the run
-    curve, flops, wall = [], 0.0, 0.0
-    step_flops = flops_per_step(model, size)
-    event_steps = sorted(events)
+    recorder = _recorder(size, val_x, val_y)
+    callbacks = ([] if growth is None else [growth()]) + [recorder]
+    epochs = -(-size.steps // size.eval_every)
+    with warnings.catch_warnings():  # a generator is not shuffled: that is the point
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*generator")
+        model.fit(batches(seed, size, train), steps_per_epoch=size.eval_every, epochs=epochs,
+                  callbacks=callbacks, verbose=0)
+    curve, wall = recorder.curve, recorder.curve[-1]["wall_s"]
+    print(f"{name:20s} seed {seed}: val {curve[-1]['val_bpb']:.3f} bits/byte, {wall:.0f} s, "
+          f"{recorder.flops / 1e12:.2f} TFLOP, {curve[-1]['params']:,} params, grew at steps {recorder.events}",
+          flush=True)
+    return {"name": name, "seed": seed, "final_val_loss": curve[-1]["val_bpb"], "wall_s": wall,
+            "flops": recorder.flops, "curve": curve, "events": recorder.events}
 
-    def evaluate(step):
-        losses = [float(model.test_on_batch(val_x[i:i + 64], val_y[i:i + 64])) for i in range(0, len(val_x), 64)]
-        bits = float(np.mean(losses)) / math.log(2)
-        curve.append({"step": step, "wall_s": wall, "flops": flops, "val_bpb": bits,
-                      "params": int(model.count_params())})
 
-    for step in range(size.steps):
-        t0 = time.perf_counter()
-        if step in events:
-            fk.widen(model, events[step])
-            step_flops = flops_per_step(model, size)
-        opt.learning_rate.assign(lr_at(step, size, event_steps, rewarm))
-        at = rng.integers(0, len(train) - size.ctx - 1, size.batch)
-        xb = np.stack([train[a:a + size.ctx] for a in at]).astype("int32")
-        yb = np.stack([train[a + 1:a + size.ctx + 1] for a in at]).astype("int32")
-        model.train_on_batch(xb, yb)
-        wall += time.perf_counter() - t0
-        flops += step_flops
-        if (step + 1) % size.eval_every == 0 or step + 1 == size.steps:
-            evaluate(step + 1)
-    print(f"{name:16s} seed {seed}: val {curve[-1]['val_bpb']:.3f} bits/byte, {wall:.0f} s, "
-          f"{flops / 1e12:.2f} TFLOP, {curve[-1]['params']:,} params", flush=True)
-    return {"name": name, "seed": seed, "final_val_loss": curve[-1]["val_bpb"], "wall_s": wall, "flops": flops,
-            "curve": curve, "events": event_steps, "rewarm": rewarm}
+# grow-ffn-slope's trigger: the smoothed training loss falling by less than 0.2 % a step over 50 steps, which
+# a quarter-FFN model reaches near step 120 at both sizes (per-step losses of its first 360 steps, seed 0)
+_SLOPE = {"threshold": 2e-3, "window": 50}
+
+
+def _callback(kind: str, **kw):
+    """A function making ``fastsplit.keras.<kind>(**kw)``, silent: Keras is imported when a run starts."""
+
+    def make():
+        from . import keras as fk
+
+        return getattr(fk, kind)(verbose=0, **kw)
+
+    return make
 
 
 def policies(size: Size, only) -> dict:
-    """name -> (start width (d, heads, ff), {step: plans}, rewarm)."""
+    """name -> (start width (d, heads, ff), a function making the growth callback, or None)."""
     final = (size.d, size.heads, size.ff)
-    ffn = {f"b{i}_ffn1": None for i in range(size.layers)}
+    ffn = {f"b{i}_ffn1": size.ff for i in range(size.layers)}
     # the heads and the FFN of every block; d_model kept (its copies separate slowly, see RESULTS.md)
-    units = {**{f"b{i}_attn/heads": None for i in range(size.layers)}, **ffn}
+    units = {**{f"b{i}_attn/heads": size.heads for i in range(size.layers)}, **ffn}
     # and d_model too: the residual stream, named by its first producer, "tok"
-    width = {"tok": None, **units}
+    width = {"tok": size.d, **units}
     half = (size.d // 2, size.heads // 2, size.ff // 2)  # the head size d / heads stays
     narrow_ffn = (size.d, size.heads, size.ff // 4)
     thin = (size.d, size.heads // 2, size.ff // 4)
-    eighth, quarter, half_way = size.steps // 8, size.steps // 4, size.steps // 2
+    eighth, quarter = max(size.steps // 8, 1), max(size.steps // 4, 1)
+
+    def every(caps, steps, **kw):  # doubles every ``steps`` steps until each layer reaches its cap
+        return _callback("SplitEvery", steps=steps, layers=list(caps), max_units=caps, monitor="loss", **kw)
+
     p = {
-        "scratch": (final, {}, False),
-        "grow-ffn": (narrow_ffn, {eighth: ffn, quarter: ffn}, False),
-        "grow-ffn-rewarm": (narrow_ffn, {eighth: ffn, quarter: ffn}, True),
-        "grow-width": (half, {quarter: width}, False),
-        "grow-width-rewarm": (half, {quarter: width}, True),
-        "grow-heads-ffn": (thin, {eighth: units, quarter: ffn}, False),
-        "grow-heads-ffn-late": (thin, {quarter: units, half_way: ffn}, False),
+        "scratch": (final, None),
+        "grow-ffn": (narrow_ffn, every(ffn, eighth)),
+        "grow-ffn-rewarm": (narrow_ffn, every(ffn, eighth, rewarm_steps=size.warmup)),
+        "grow-ffn-slope": (narrow_ffn, _callback("SplitOnSlope", layers=list(ffn), max_units=ffn,
+                                                  warmup_steps=size.warmup, **_SLOPE)),
+        "grow-width": (half, every(width, quarter)),
+        "grow-width-rewarm": (half, every(width, quarter, rewarm_steps=size.warmup)),
+        "grow-heads-ffn": (thin, every(units, eighth)),
+        "grow-heads-ffn-late": (thin, every(units, quarter)),
     }
     return {k: v for k, v in p.items() if only is None or k in only or k == "scratch"}
 
@@ -282,8 +347,8 @@ def compare(size: Size, seeds, only, out: Path, *, quick: bool, data_bytes: int 
           f"Keras backend {keras.backend.backend()}", flush=True)
     results = []
     for seed in seeds:
-        for name, (start, events, rewarm) in policies(size, only).items():
-            results.append(run(name, seed, size, train, val_x, val_y, start, events, rewarm))
+        for name, (start, growth) in policies(size, only).items():
+            results.append(run(name, seed, size, train, val_x, val_y, start, growth))
     for r in results:
         target = next(q["final_val_loss"] for q in results if q["name"] == "scratch" and q["seed"] == r["seed"])
         r.update(to_target(r, target))
