@@ -166,6 +166,9 @@ def test_lm_comparison_at_a_tiny_size_writes_the_summary_and_plot(tmp_path):
         assert [c["step"] for c in r["curve"]] == [4, 8]
     assert scratch["flops_to_target"] <= scratch["flops"]  # it reaches its own final loss at the last evaluation at the latest
     assert grown["flops"] < scratch["flops"]  # a quarter of the FFN for the first steps
+    # SplitEvery(steps=1, max_units=ff) inside fit: doubled after steps 1 and 2, then at the final size
+    assert grown["events"] == [1, 2] and scratch["events"] == []
+    assert grown["curve"][-1]["params"] == scratch["curve"][-1]["params"]
     ratio = on_disk["grown_vs_scratch_wall"]
     want = None if grown["wall_s_to_target"] is None else grown["wall_s_to_target"] / scratch["wall_s"]
     assert ratio == pytest.approx(want) if want is not None else ratio is None
