@@ -175,6 +175,19 @@ def test_lm_comparison_at_a_tiny_size_writes_the_summary_and_plot(tmp_path):
     assert summary["grown_vs_scratch_wall"] == ratio
 
 
+def test_lm_run_stops_after_its_steps_when_they_are_not_a_multiple_of_the_evaluation_period(tmp_path):
+    """10 steps evaluated every 4: evaluations after steps 4, 8 and 10, and not one step more."""
+    import keras
+
+    import fastsplit.lm_demo as lm
+
+    size = lm.Size(d=16, heads=2, ff=32, layers=1, ctx=16, batch=4, steps=10, eval_every=4, warmup=2)
+    summary = lm.compare(size, [0], (), tmp_path, quick=True, data_bytes=1 << 16, n_val=8)
+    (scratch,) = summary["runs"]
+    assert [c["step"] for c in scratch["curve"]] == [4, 8, 10]
+    assert scratch["flops"] == pytest.approx(10 * lm.flops_per_step(lm.build(keras, size, 16, 2, 32), size))
+
+
 def test_lm_wall_ratio_is_the_median_over_seeds_with_never_as_infinitely_late():
     """One seed in three that never reaches the target moves the median; two in three make it ``None``."""
     import fastsplit.lm_demo as lm
