@@ -164,6 +164,11 @@ def test_lm_comparison_at_a_tiny_size_writes_the_summary_and_plot(tmp_path):
     for r in on_disk["runs"]:
         assert {"name", "final_val_loss", "wall_s", "flops", "wall_s_to_target", "flops_to_target"} <= set(r)
         assert [c["step"] for c in r["curve"]] == [4, 8]
+        if r["step_to_target"] is None:
+            assert r["wall_s_to_target"] is r["flops_to_target"] is None
+        else:  # the three to-target fields name one evaluation
+            (hit,) = [c for c in r["curve"] if c["step"] == r["step_to_target"]]
+            assert (hit["wall_s"], hit["flops"]) == (r["wall_s_to_target"], r["flops_to_target"])
     assert scratch["flops_to_target"] <= scratch["flops"]  # it reaches its own final loss at the last evaluation at the latest
     assert grown["flops"] < scratch["flops"]  # a quarter of the FFN for the first steps
     # SplitEvery(steps=1, max_units=ff) inside fit: doubled after steps 1 and 2, then at the final size
@@ -186,6 +191,34 @@ def test_lm_run_stops_after_its_steps_when_they_are_not_a_multiple_of_the_evalua
     (scratch,) = summary["runs"]
     assert [c["step"] for c in scratch["curve"]] == [4, 8, 10]
     assert scratch["flops"] == pytest.approx(10 * lm.flops_per_step(lm.build(keras, size, 16, 2, 32), size))
+
+
+def test_lm_short_runs_train_three_quarters_of_the_steps_and_only_grown_runs_make_the_ratio(monkeypatch, tmp_path):
+    """``grow-ffn-short`` and ``scratch-short`` stop at 3/4 of the steps (6 of 8), the first grown by the same
+    schedule; ``grown_vs_scratch_wall`` is the best *grown* policy's, whatever the run from scratch on that budget did."""
+    import fastsplit.lm_demo as lm
+
+    monkeypatch.setattr(lm, "wall_ratios", lambda results: {"grow-ffn-short": 0.9, "scratch-short": 0.5})
+    size = lm.Size(d=16, heads=2, ff=32, layers=1, ctx=16, batch=4, steps=8, eval_every=4, warmup=2)
+    summary = lm.compare(size, [0], ["grow-ffn-short", "scratch-short"], tmp_path, quick=True,
+                         data_bytes=1 << 16, n_val=8)
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert [c["step"] for c in runs["scratch"]["curve"]] == [4, 8]
+    for name in ("grow-ffn-short", "scratch-short"):
+        assert [c["step"] for c in runs[name]["curve"]] == [4, 6]
+    assert runs["grow-ffn-short"]["events"] == [1, 2] and runs["scratch-short"]["events"] == []
+    assert summary["grown_vs_scratch_wall"] == 0.9
+
+
+def test_lm_plot_draws_every_policy_the_comparison_has(tmp_path):
+    """More policies than matplotlib's ten default colours: each gets its own (a KeyError once, at 11)."""
+    import fastsplit.lm_demo as lm
+
+    names = ["scratch", *lm.POLICIES]
+    assert len(names) > 10
+    curve = [{"wall_s": 1.0, "flops": 1e12, "val_bpb": 3.0}, {"wall_s": 2.0, "flops": 2e12, "val_bpb": 2.5}]
+    lm.plot([{"name": n, "seed": 0, "curve": curve} for n in names], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lm_wall_ratio_is_the_median_over_seeds_with_never_as_infinitely_late():
