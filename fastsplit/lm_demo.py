@@ -13,10 +13,10 @@ of one seed sees the same batches in the same order (windows drawn from one seed
 Model: a functional pre-LN decoder built from Keras layers (Embedding for bytes and positions,
 MultiHeadAttention with a causal mask, Dense FFN with GELU, LayerNormalization), AdamW.
 
-Runs (same data; the same number of training tokens but for the ``-short`` ones), each one ``model.fit`` whose growth is done by a
-fastsplit callback, as a user would grow: :class:`fastsplit.keras.SplitEvery` on a schedule in steps or
-:class:`fastsplit.keras.SplitOnSlope` on the training loss's slope, mid-epoch, with ``max_units`` at the
-final size:
+Runs (same data; the same number of training tokens but for the ``-short`` ones), each one ``model.fit``
+whose growth is done by a fastsplit callback, as a user would grow: :class:`fastsplit.keras.SplitEvery` on a
+schedule in steps or :class:`fastsplit.keras.SplitOnSlope` on the training loss's slope, mid-epoch, with
+``max_units`` at the final size:
 
 - ``scratch``: the final-size model trained from the start;
 - ``grow-ffn``: the same model with FFN width 1/4 of the final, doubled twice (at 1/8 and 1/4 of the
