@@ -265,27 +265,27 @@ def policies(size: Size, only) -> dict:
     narrow_ffn = (size.d, size.heads, size.ff // 4)
     thin = (size.d, size.heads // 2, size.ff // 4)
     eighth, quarter = max(size.steps // 8, 1), max(size.steps // 4, 1)
-    # a budget of 3/4 of the steps, the cosine schedule ending there: the claim's 0.75x, asked directly
-    short = max(size.steps * 3 // 4, 1)
+    # the runs' steps: the benchmark's, or 3/4 of them with the cosine schedule ending there (the claim's
+    # 0.75x, asked directly)
+    n, short = size.steps, max(size.steps * 3 // 4, 1)
 
     def every(caps, steps, **kw):  # doubles every ``steps`` steps until each layer reaches its cap
         return _callback("SplitEvery", steps=steps, layers=list(caps), max_units=caps, monitor="loss", **kw)
 
     p = {
-        "scratch": (final, None),
-        "grow-ffn": (narrow_ffn, every(ffn, eighth)),
-        "grow-ffn-late": (narrow_ffn, every(ffn, quarter)),
+        "scratch": (final, None, n),
+        "grow-ffn": (narrow_ffn, every(ffn, eighth), n),
+        "grow-ffn-late": (narrow_ffn, every(ffn, quarter), n),
         "grow-ffn-short": (narrow_ffn, every(ffn, eighth), short),
         "scratch-short": (final, None, short),
-        "grow-ffn-rewarm": (narrow_ffn, every(ffn, eighth, rewarm_steps=size.warmup)),
+        "grow-ffn-rewarm": (narrow_ffn, every(ffn, eighth, rewarm_steps=size.warmup), n),
         "grow-ffn-slope": (narrow_ffn, _callback("SplitOnSlope", layers=list(ffn), max_units=ffn,
-                                                  warmup_steps=size.warmup, **_SLOPE)),
-        "grow-width": (half, every(width, quarter)),
-        "grow-width-rewarm": (half, every(width, quarter, rewarm_steps=size.warmup)),
-        "grow-heads-ffn": (thin, every(units, eighth)),
-        "grow-heads-ffn-late": (thin, every(units, quarter)),
+                                                  warmup_steps=size.warmup, **_SLOPE), n),
+        "grow-width": (half, every(width, quarter), n),
+        "grow-width-rewarm": (half, every(width, quarter, rewarm_steps=size.warmup), n),
+        "grow-heads-ffn": (thin, every(units, eighth), n),
+        "grow-heads-ffn-late": (thin, every(units, quarter), n),
     }
-    p = {k: v if len(v) == 3 else (*v, size.steps) for k, v in p.items()}
     return {k: v for k, v in p.items() if only is None or k in only or k == "scratch"}
 
 
